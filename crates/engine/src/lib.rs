@@ -1,0 +1,1 @@
+//! The specswarm inference engine (skeleton).

@@ -1,0 +1,3 @@
+//! GGUF quantized block formats and the CPU kernels that multiply them.
+//!
+//! (Skeleton: filled in by the kernels work.)

@@ -1,0 +1,28 @@
+//! Every bound specswarm enforces, in one place. Units are the last word of each name.
+//!
+//! A limit is checked *before* the allocation it protects (a length prefix is compared with its
+//! maximum before a buffer of that length exists).
+
+/// Largest GGUF metadata string (a chat template, a token) we accept.
+pub const GGUF_STRING_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// Largest number of elements in one GGUF metadata array (vocabularies are ~262k tokens).
+pub const GGUF_ARRAY_ELEMENTS_MAX: u64 = 16 * 1024 * 1024;
+/// Largest number of metadata key/value pairs in one GGUF header.
+pub const GGUF_METADATA_ENTRIES_MAX: u64 = 65_536;
+/// Largest number of tensors in one GGUF file.
+pub const GGUF_TENSORS_MAX: u64 = 1_000_000;
+/// Largest number of dimensions of one GGUF tensor (the format defines at most 4).
+pub const GGUF_TENSOR_DIMS_MAX: u32 = 4;
+/// Largest single tensor we load (bytes).
+pub const GGUF_TENSOR_BYTES_MAX: u64 = 64 * 1024 * 1024 * 1024;
+
+/// Default KV-cache budget of one session, in tokens, when the caller does not set one.
+pub const KV_TOKENS_PER_SESSION_DEFAULT: usize = 8192;
+/// Hard ceiling of the KV-cache budget of one session, in tokens.
+pub const KV_TOKENS_PER_SESSION_MAX: usize = 1 << 20;
+/// Largest number of tokens (or tree nodes) in one forward batch.
+pub const FORWARD_BATCH_TOKENS_MAX: usize = 8192;
+/// Largest number of tokens a single generate request may produce.
+pub const GENERATE_TOKENS_MAX: usize = 1 << 20;
+/// Largest prompt we tokenize, in bytes.
+pub const PROMPT_BYTES_MAX: usize = 4 * 1024 * 1024;
