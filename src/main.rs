@@ -1,3 +1,188 @@
+//! The `specswarm` command: models, generation, benchmarks and the demo.
+
+mod bench;
+mod cli;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use specswarm_engine::chat::{ChatMessage, ChatTemplate};
+use specswarm_engine::generate::{FinishReason, generate};
+use specswarm_engine::hub;
+use specswarm_engine::model::{LoadOptions, ModelSlice};
+use specswarm_engine::sampling::Sampler;
+use specswarm_engine::tokenizer::{StreamDecoder, Tokenizer};
+
+use crate::cli::{Cli, Command, GenerateArgs, ModelCommand};
+
 fn main() {
-    println!("specswarm");
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Model { command } => match command {
+            ModelCommand::Pull { name, force } => {
+                let k = hub::known(&name).with_context(|| {
+                    format!(
+                        "unknown model {name:?}; known: {}",
+                        hub::KNOWN_MODELS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+                    )
+                })?;
+                let cached = hub::cached_path(k);
+                let valid = !force && cached.is_file() && hub::sha256_file(&cached).is_ok_and(|h| h == k.sha256);
+                let path = if valid {
+                    eprintln!("{} is cached and its sha256 matches", k.name);
+                    cached
+                } else {
+                    hub::pull(k, &mut |m| eprintln!("{m}"))?
+                };
+                println!("{}", path.display());
+                Ok(())
+            }
+            ModelCommand::List => {
+                println!("cache: {}", hub::home().display());
+                for k in hub::KNOWN_MODELS {
+                    let p = hub::cached_path(k);
+                    let state = if p.is_file() { format!("cached at {}", p.display()) } else { "not pulled".into() };
+                    println!("{:<14} {:<70} {state}", k.name, k.description);
+                }
+                Ok(())
+            }
+        },
+        Command::Generate(args) => cmd_generate(&args),
+        Command::Bench { command } => bench::run(command),
+        Command::Demo { max_tokens } => cmd_demo(max_tokens),
+    }
+}
+
+/// Resolve `--model` (a name pulled on first use, or a path), printing download progress.
+pub(crate) fn resolve_model(spec: &str) -> Result<PathBuf> {
+    Ok(hub::resolve(spec, &mut |m| eprintln!("{m}"))?)
+}
+
+pub(crate) fn load_model(path: &std::path::Path, threads: usize) -> Result<ModelSlice> {
+    ModelSlice::load(path, &LoadOptions { layers: None, threads })
+        .with_context(|| format!("loading {}", path.display()))
+}
+
+/// Turn a prompt into ids: raw text, or one user turn through the model's chat template.
+pub(crate) fn encode_prompt(path: &std::path::Path, tok: &Tokenizer, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+    if !chat {
+        return Ok(tok.encode(prompt, true, false)?);
+    }
+    let arch = specswarm_engine::gguf::GgufFile::open(path)?.get_str("general.architecture").unwrap_or("").to_string();
+    let template = match ChatTemplate::from_gguf(path)? {
+        Some(t) => t,
+        None => ChatTemplate::fallback_for(&arch)?,
+    };
+    let text = template.render(&[ChatMessage { role: "user".into(), content: prompt.into() }], true)?;
+    let mut ids = tok.encode(&text, false, true)?;
+    if let Some(bos) = tok.bos_id().filter(|&b| tok.add_bos() && ids.first() != Some(&b)) {
+        ids.insert(0, bos);
+    }
+    Ok(ids)
+}
+
+fn cmd_generate(args: &GenerateArgs) -> Result<()> {
+    let path = resolve_model(&args.model)?;
+    let t_load = Instant::now();
+    let model = load_model(&path, args.threads)?;
+    let tok = Tokenizer::from_gguf(&path)?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let prompt = encode_prompt(&path, &tok, &args.prompt, args.chat)?;
+    let mut sampler = Sampler::new(args.sampler_config()).context("invalid sampler settings")?;
+    let mut decoder = StreamDecoder::new(&tok, true);
+    let mut stdout = std::io::stdout().lock();
+    let stream = !args.json;
+    let (ids, finish, stats) = generate(&model, &prompt, args.max_tokens, &mut sampler, tok.stop_ids(), &mut |id| {
+        if stream {
+            let piece = decoder.push(id);
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+        true
+    })?;
+    let text = tok.decode(&ids, true);
+    let finish = match finish {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Cancelled => "cancelled",
+    };
+    if args.json {
+        let out = serde_json::json!({
+            "model": args.model,
+            "text": text,
+            "token_ids": ids,
+            "prompt_tokens": stats.prompt_tokens,
+            "generated_tokens": stats.generated_tokens,
+            "finish_reason": finish,
+            "prefill_tokens_per_s": stats.prefill_tokens_per_s(),
+            "decode_tokens_per_s": stats.decode_tokens_per_s(),
+            "load_s": load_s,
+            "threads": model.threads(),
+        });
+        println!("{out}");
+    } else {
+        let tail = decoder.finish();
+        let _ = writeln!(stdout, "{tail}");
+        eprintln!(
+            "[{} prompt tokens, prefill {:.1} tok/s | {} generated, decode {:.1} tok/s | finish: {finish} | {} threads]",
+            stats.prompt_tokens,
+            stats.prefill_tokens_per_s(),
+            stats.generated_tokens,
+            stats.decode_tokens_per_s(),
+            model.threads()
+        );
+    }
+    Ok(())
+}
+
+fn cmd_demo(max_tokens: usize) -> Result<()> {
+    let name = hub::DEFAULT_MODEL;
+    eprintln!("== specswarm demo: model {name}");
+    let path = resolve_model(name)?;
+    let t = Instant::now();
+    let model = load_model(&path, 0)?;
+    let tok = Tokenizer::from_gguf(&path)?;
+    let cfg = model.config();
+    eprintln!(
+        "loaded {} ({} layers, d_model {}, vocab {}) in {:.2}s on {} threads",
+        path.display(),
+        cfg.n_layers,
+        cfg.d_model,
+        cfg.vocab_size,
+        t.elapsed().as_secs_f64(),
+        model.threads()
+    );
+    eprintln!("layers 0..{} run in this process (the multi-process swarm comes with the swarm issue)", cfg.n_layers);
+    let prompts = [
+        "What is the capital of France?",
+        "Write a Python function that reverses a string.",
+        "Give me three tips for staying focused.",
+    ];
+    for p in prompts {
+        let ids = encode_prompt(&path, &tok, p, true)?;
+        let mut sampler = Sampler::new(Default::default())?;
+        let (out, finish, stats) = generate(&model, &ids, max_tokens, &mut sampler, tok.stop_ids(), &mut |_| true)?;
+        if finish == FinishReason::Cancelled {
+            bail!("generation cancelled");
+        }
+        println!("\n> {p}\n{}", tok.decode(&out, true).trim());
+        println!(
+            "[{} prompt tokens at {:.0} tok/s, {} tokens at {:.1} tok/s]",
+            stats.prompt_tokens,
+            stats.prefill_tokens_per_s(),
+            stats.generated_tokens,
+            stats.decode_tokens_per_s()
+        );
+    }
+    Ok(())
 }

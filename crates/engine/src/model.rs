@@ -1,0 +1,638 @@
+//! Layer slices: one shared transformer block, parameterised by [`ModelConfig`].
+//!
+//! A [`ModelSlice`] holds layers `[start, end)` of a model, plus the embedding table when
+//! `start == 0` and the final norm and LM head when `end == n_layers`. Its [`ModelSlice::forward`]
+//! takes token ids (head) or hidden states (any other stage), explicit positions, and either a
+//! causal batch or a token tree, and returns hidden states or logits. The weights are immutable
+//! and shared by every session; per-session state lives in a [`KvCache`].
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use specswarm_kernels::{QMatrix, axpy_f32, dot_f32};
+use specswarm_proto::limits;
+
+use crate::config::{Activation, ModelConfig, RopeStyle};
+use crate::error::EngineError;
+use crate::gguf::GgufFile;
+use crate::kv::KvCache;
+
+/// What a batch feeds into the slice.
+#[derive(Clone, Copy, Debug)]
+pub enum StepInput<'a> {
+    /// Token ids: only for the head slice (`start == 0`).
+    Tokens(&'a [u32]),
+    /// Hidden states, row-major `[n][d_model]`: for every other slice.
+    Hidden(&'a [f32]),
+}
+
+/// One forward batch.
+#[derive(Clone, Copy, Debug)]
+pub struct Batch<'a> {
+    pub input: StepInput<'a>,
+    /// Position of each row. A causal batch must continue the cache (`kv.len() + i`); a tree node's
+    /// position is `kv.len() + depth`.
+    pub positions: &'a [u32],
+    /// `None`: a causal chain whose rows are committed to the cache. `Some(parents)`: a token
+    /// tree, `parents[i]` is the batch index of node `i`'s parent (`-1` for children of the
+    /// committed prefix) and must be `< i`. A tree's rows stay staged until
+    /// [`KvCache::accept_path`] or [`KvCache::discard_staged`].
+    pub tree_parents: Option<&'a [i32]>,
+}
+
+impl Batch<'_> {
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+}
+
+/// Which output the caller wants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// The residual stream after the slice's last layer (before the final norm).
+    Hidden,
+    /// Logits of the last row only (prefill).
+    LastLogits,
+    /// Logits of every row (tree verification).
+    AllLogits,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum StepOutput {
+    /// Row-major `[rows][d_model]`.
+    Hidden { data: Vec<f32>, rows: usize },
+    /// Row-major `[rows][vocab]`.
+    Logits { data: Vec<f32>, rows: usize },
+}
+
+impl StepOutput {
+    pub fn data(&self) -> &[f32] {
+        match self {
+            StepOutput::Hidden { data, .. } | StepOutput::Logits { data, .. } => data,
+        }
+    }
+
+    pub fn into_data(self) -> Vec<f32> {
+        match self {
+            StepOutput::Hidden { data, .. } | StepOutput::Logits { data, .. } => data,
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: QMatrix,
+    wk: QMatrix,
+    wv: QMatrix,
+    wo: QMatrix,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    w_gate: QMatrix,
+    w_up: QMatrix,
+    w_down: QMatrix,
+    post_ffn_norm: Option<Vec<f32>>,
+}
+
+/// Options for loading a slice.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Layers to load; `None` loads the whole model.
+    pub layers: Option<Range<usize>>,
+    /// Worker threads for this slice's compute (0: one per core).
+    pub threads: usize,
+}
+
+pub struct ModelSlice {
+    cfg: Arc<ModelConfig>,
+    range: Range<usize>,
+    embed: Option<QMatrix>,
+    layers: Vec<Layer>,
+    output_norm: Option<Vec<f32>>,
+    lm_head: Option<QMatrix>,
+    rope_factors: Option<Vec<f32>>,
+    pool: Arc<rayon::ThreadPool>,
+}
+
+impl std::fmt::Debug for ModelSlice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelSlice").field("arch", &self.cfg.arch_name).field("layers", &self.range).finish()
+    }
+}
+
+impl ModelSlice {
+    /// Load a slice from a GGUF file.
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<ModelSlice, EngineError> {
+        Self::load_with_progress(path, opts, &mut |_, _| {})
+    }
+
+    /// Load, calling `progress(done, total)` after each tensor.
+    pub fn load_with_progress(
+        path: &Path,
+        opts: &LoadOptions,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<ModelSlice, EngineError> {
+        let file = GgufFile::open(path)?;
+        let cfg = ModelConfig::from_gguf(&file)?;
+        let range = opts.layers.clone().unwrap_or(0..cfg.n_layers);
+        if range.start >= range.end || range.end > cfg.n_layers {
+            return Err(EngineError::BadLayerRange { start: range.start, end: range.end, n_layers: cfg.n_layers });
+        }
+        let (d, total) = (cfg.d_model, range.len() + 2);
+        let mut done = 0;
+        let mut tick = |progress: &mut dyn FnMut(usize, usize)| {
+            done += 1;
+            progress(done, total);
+        };
+        let is_head = range.start == 0;
+        let is_tail = range.end == cfg.n_layers;
+        let embed = if is_head { Some(file.load_matrix("token_embd.weight", cfg.vocab_size, d)?) } else { None };
+        tick(progress);
+        let mut layers = Vec::with_capacity(range.len());
+        for l in range.clone() {
+            layers.push(load_layer(&file, &cfg, l)?);
+            tick(progress);
+        }
+        let (output_norm, lm_head) = if is_tail {
+            let norm = file.load_vector("output_norm.weight", d)?;
+            let head = if file.tensor_info("output.weight").is_some() {
+                file.load_matrix("output.weight", cfg.vocab_size, d)?
+            } else if let Some(e) = &embed {
+                e.clone()
+            } else {
+                file.load_matrix("token_embd.weight", cfg.vocab_size, d)?
+            };
+            (Some(norm), Some(head))
+        } else {
+            (None, None)
+        };
+        tick(progress);
+        let rope_factors = match file.tensor_info("rope_freqs.weight") {
+            Some(_) => Some(file.load_vector("rope_freqs.weight", cfg.rope_dims / 2)?),
+            None => None,
+        };
+        let threads =
+            if opts.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { opts.threads };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("specswarm-compute-{i}"))
+            .build()
+            .map_err(|e| EngineError::InvalidConfig {
+                reason: format!("cannot start {threads} compute threads: {e}"),
+            })?;
+        Ok(ModelSlice {
+            cfg: Arc::new(cfg),
+            range,
+            embed,
+            layers,
+            output_norm,
+            lm_head,
+            rope_factors,
+            pool: Arc::new(pool),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn layers(&self) -> Range<usize> {
+        self.range.clone()
+    }
+
+    pub fn is_head(&self) -> bool {
+        self.embed.is_some()
+    }
+
+    pub fn is_tail(&self) -> bool {
+        self.lm_head.is_some()
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// A fresh KV cache for this slice, holding at most `budget_tokens` tokens.
+    pub fn new_cache(&self, budget_tokens: usize) -> KvCache {
+        let budget = budget_tokens.min(limits::KV_TOKENS_PER_SESSION_MAX);
+        KvCache::new(self.layers.len(), self.cfg.k_dim(), self.cfg.v_dim(), budget)
+    }
+
+    /// Run the batch through this slice's layers. See [`Batch`] for the position and tree rules.
+    pub fn forward(&self, kv: &mut KvCache, batch: &Batch<'_>, want: Want) -> Result<StepOutput, EngineError> {
+        let n = batch.len();
+        let d = self.cfg.d_model;
+        if n == 0 || n > limits::FORWARD_BATCH_TOKENS_MAX {
+            return Err(EngineError::BadBatch {
+                reason: format!("batch of {n} rows (must be 1..={})", limits::FORWARD_BATCH_TOKENS_MAX),
+            });
+        }
+        if want != Want::Hidden && !self.is_tail() {
+            return Err(EngineError::WrongSliceRole { what: "hold the LM head (it is not the tail)" });
+        }
+        let staged = kv.layers.first().map_or(0, |l| l.k.len() / kv.k_dim.max(1)) - kv.len();
+        if staged != 0 {
+            return Err(EngineError::BadBatch {
+                reason: format!("{staged} tree rows are still staged: accept a path or discard them first"),
+            });
+        }
+        let vis = Visibility::build(kv.len(), batch)?;
+        let max_pos = batch.positions.iter().copied().max().unwrap_or(0) as usize;
+        if max_pos >= self.cfg.context_len {
+            return Err(EngineError::ContextExceeded { needed: max_pos + 1, context: self.cfg.context_len });
+        }
+        kv.check_room(n)?;
+        let mut x = match batch.input {
+            StepInput::Tokens(ids) => {
+                let embed = self
+                    .embed
+                    .as_ref()
+                    .ok_or(EngineError::WrongSliceRole { what: "take token ids (it is not the head)" })?;
+                if ids.len() != n {
+                    return Err(EngineError::BadBatch { reason: format!("{} tokens for {n} positions", ids.len()) });
+                }
+                let mut x = vec![0f32; n * d];
+                for (row, &id) in x.chunks_exact_mut(d).zip(ids) {
+                    if id as usize >= self.cfg.vocab_size {
+                        return Err(EngineError::TokenOutOfRange { id, vocab: self.cfg.vocab_size });
+                    }
+                    embed.dequantize_row(id as usize, row);
+                }
+                if let Some(s) = self.cfg.embed_scale {
+                    x.iter_mut().for_each(|v| *v *= s);
+                }
+                x
+            }
+            StepInput::Hidden(h) => {
+                if self.is_head() {
+                    return Err(EngineError::WrongSliceRole { what: "take hidden states (it is the head)" });
+                }
+                if h.len() != n * d {
+                    return Err(EngineError::BadBatch {
+                        reason: format!("hidden input of {} values, expected {n}×{d}", h.len()),
+                    });
+                }
+                if let Some(bad) = h.iter().position(|v| !v.is_finite()) {
+                    return Err(EngineError::BadBatch { reason: format!("hidden input value {bad} is not finite") });
+                }
+                h.to_vec()
+            }
+        };
+        kv.stage_rows(n);
+        self.pool.install(|| {
+            let rope = RopeTables::new(&self.cfg, self.rope_factors.as_deref(), batch.positions);
+            for (i, layer) in self.layers.iter().enumerate() {
+                self.layer_forward(i, layer, kv, batch.positions, &vis, &rope, &mut x);
+            }
+        });
+        if batch.tree_parents.is_none() {
+            kv.commit(n);
+        }
+        Ok(match want {
+            Want::Hidden => StepOutput::Hidden { data: x, rows: n },
+            Want::LastLogits => StepOutput::Logits { data: self.logits(&x[(n - 1) * d..]), rows: 1 },
+            Want::AllLogits => StepOutput::Logits { data: self.logits(&x), rows: n },
+        })
+    }
+
+    fn logits(&self, hidden: &[f32]) -> Vec<f32> {
+        let (d, vocab) = (self.cfg.d_model, self.cfg.vocab_size);
+        let rows = hidden.len() / d;
+        let norm = self.output_norm.as_ref().expect("tail slice has a final norm");
+        let head = self.lm_head.as_ref().expect("tail slice has an LM head");
+        let mut h = hidden.to_vec();
+        for row in h.chunks_exact_mut(d) {
+            rms_norm(row, norm, self.cfg.rms_eps);
+        }
+        let mut out = vec![0f32; rows * vocab];
+        self.pool.install(|| head.matmul(&h, rows, &mut out));
+        if let Some(c) = self.cfg.final_softcap {
+            out.iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
+        }
+        out
+    }
+
+    /// One transformer block: norm → attention → residual → norm → MLP → residual.
+    fn layer_forward(
+        &self,
+        slot: usize,
+        w: &Layer,
+        kv: &mut KvCache,
+        positions: &[u32],
+        vis: &Visibility,
+        rope: &RopeTables,
+        x: &mut [f32],
+    ) {
+        let cfg = &*self.cfg;
+        let (d, n) = (cfg.d_model, positions.len());
+        let layer = self.range.start + slot;
+        let base = kv.len();
+
+        let mut h = x.to_vec();
+        h.chunks_exact_mut(d).for_each(|r| rms_norm(r, &w.attn_norm, cfg.rms_eps));
+        let mut q = vec![0f32; n * cfg.q_dim()];
+        w.wq.matmul(&h, n, &mut q);
+        let (k_dim, v_dim) = (cfg.k_dim(), cfg.v_dim());
+        let lkv = &mut kv.layers[slot];
+        let k_new = &mut lkv.k[base * k_dim..(base + n) * k_dim];
+        w.wk.matmul(&h, n, k_new);
+        let v_new = &mut lkv.v[base * v_dim..(base + n) * v_dim];
+        w.wv.matmul(&h, n, v_new);
+        add_bias(&mut q, w.bq.as_deref());
+        add_bias(&mut lkv.k[base * k_dim..], w.bk.as_deref());
+        add_bias(&mut lkv.v[base * v_dim..], w.bv.as_deref());
+        let hd = cfg.head_dim;
+        if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
+            q.chunks_exact_mut(hd).for_each(|r| rms_norm(r, qn, cfg.rms_eps));
+            lkv.k[base * k_dim..].chunks_exact_mut(hd).for_each(|r| rms_norm(r, kn, cfg.rms_eps));
+        }
+        let sliding = cfg.is_sliding(layer);
+        let table = if sliding { &rope.local } else { &rope.global };
+        rope.apply(table, &mut q, cfg.n_heads, hd);
+        rope.apply(table, &mut lkv.k[base * k_dim..], cfg.n_kv_heads, hd);
+        round_f16(&mut lkv.k[base * k_dim..]);
+        round_f16(&mut lkv.v[base * v_dim..]);
+        round_f16(&mut q);
+
+        let mut attn = vec![0f32; n * cfg.n_heads * cfg.head_dim_v];
+        let window = if sliding { cfg.sliding_window } else { None };
+        attention(cfg, &q, lkv, base, positions, vis, window, &mut attn);
+
+        let mut o = vec![0f32; n * d];
+        w.wo.matmul(&attn, n, &mut o);
+        if let Some(pn) = &w.post_attn_norm {
+            o.chunks_exact_mut(d).for_each(|r| rms_norm(r, pn, cfg.rms_eps));
+        }
+        x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+
+        h.copy_from_slice(x);
+        h.chunks_exact_mut(d).for_each(|r| rms_norm(r, &w.ffn_norm, cfg.rms_eps));
+        let f = cfg.ffn_dim;
+        let mut g = vec![0f32; n * f];
+        let mut u = vec![0f32; n * f];
+        w.w_gate.matmul(&h, n, &mut g);
+        w.w_up.matmul(&h, n, &mut u);
+        match cfg.activation {
+            Activation::Silu => g.iter_mut().zip(&u).for_each(|(a, b)| *a = silu(*a) * b),
+            Activation::GeluTanh => g.iter_mut().zip(&u).for_each(|(a, b)| *a = gelu_tanh(*a) * b),
+        }
+        w.w_down.matmul(&g, n, &mut o);
+        if let Some(pn) = &w.post_ffn_norm {
+            o.chunks_exact_mut(d).for_each(|r| rms_norm(r, pn, cfg.rms_eps));
+        }
+        x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+    }
+}
+
+fn load_layer(file: &GgufFile, cfg: &ModelConfig, l: usize) -> Result<Layer, EngineError> {
+    let t = |s: &str| format!("blk.{l}.{s}");
+    let d = cfg.d_model;
+    let vec_opt = |name: &str, len: usize| -> Result<Option<Vec<f32>>, EngineError> {
+        match file.tensor_info(&t(name)) {
+            Some(_) => file.load_vector(&t(name), len).map(Some),
+            None => Ok(None),
+        }
+    };
+    let (q_norm, k_norm) = if cfg.qk_norm {
+        (
+            Some(file.load_vector(&t("attn_q_norm.weight"), cfg.head_dim)?),
+            Some(file.load_vector(&t("attn_k_norm.weight"), cfg.head_dim)?),
+        )
+    } else {
+        (None, None)
+    };
+    let (post_attn_norm, post_ffn_norm) = if cfg.post_norms {
+        (
+            Some(file.load_vector(&t("post_attention_norm.weight"), d)?),
+            Some(file.load_vector(&t("post_ffw_norm.weight"), d)?),
+        )
+    } else {
+        (None, None)
+    };
+    Ok(Layer {
+        attn_norm: file.load_vector(&t("attn_norm.weight"), d)?,
+        wq: file.load_matrix(&t("attn_q.weight"), cfg.q_dim(), d)?,
+        wk: file.load_matrix(&t("attn_k.weight"), cfg.k_dim(), d)?,
+        wv: file.load_matrix(&t("attn_v.weight"), cfg.v_dim(), d)?,
+        wo: file.load_matrix(&t("attn_output.weight"), d, cfg.n_heads * cfg.head_dim_v)?,
+        bq: vec_opt("attn_q.bias", cfg.q_dim())?,
+        bk: vec_opt("attn_k.bias", cfg.k_dim())?,
+        bv: vec_opt("attn_v.bias", cfg.v_dim())?,
+        q_norm,
+        k_norm,
+        post_attn_norm,
+        ffn_norm: file.load_vector(&t("ffn_norm.weight"), d)?,
+        w_gate: file.load_matrix(&t("ffn_gate.weight"), cfg.ffn_dim, d)?,
+        w_up: file.load_matrix(&t("ffn_up.weight"), cfg.ffn_dim, d)?,
+        w_down: file.load_matrix(&t("ffn_down.weight"), d, cfg.ffn_dim)?,
+        post_ffn_norm,
+    })
+}
+
+/// Which batch rows each row attends to (besides the committed prefix).
+enum Visibility {
+    /// Row `i` sees rows `0..=i`.
+    Causal,
+    /// Row `i` sees its ancestors and itself.
+    Tree(Vec<Vec<u32>>),
+}
+
+impl Visibility {
+    fn build(base: usize, batch: &Batch<'_>) -> Result<Visibility, EngineError> {
+        let n = batch.len();
+        match batch.tree_parents {
+            None => {
+                for (i, &p) in batch.positions.iter().enumerate() {
+                    if p as usize != base + i {
+                        return Err(EngineError::PositionMismatch {
+                            index: i,
+                            expected: (base + i) as u64,
+                            got: p.into(),
+                        });
+                    }
+                }
+                Ok(Visibility::Causal)
+            }
+            Some(parents) => {
+                if parents.len() != n {
+                    return Err(EngineError::BadBatch {
+                        reason: format!("{} tree parents for {n} nodes", parents.len()),
+                    });
+                }
+                let mut lists: Vec<Vec<u32>> = Vec::with_capacity(n);
+                for (i, &p) in parents.iter().enumerate() {
+                    let mut list = if p < 0 {
+                        Vec::new()
+                    } else if (p as usize) < i {
+                        lists[p as usize].clone()
+                    } else {
+                        return Err(EngineError::BadBatch {
+                            reason: format!("node {i} has parent {p}, parents must precede their children"),
+                        });
+                    };
+                    list.push(i as u32);
+                    let expected = (base + list.len() - 1) as u64;
+                    if u64::from(batch.positions[i]) != expected {
+                        return Err(EngineError::PositionMismatch {
+                            index: i,
+                            expected,
+                            got: batch.positions[i].into(),
+                        });
+                    }
+                    lists.push(list);
+                }
+                Ok(Visibility::Tree(lists))
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    cfg: &ModelConfig,
+    q: &[f32],
+    lkv: &crate::kv::LayerKv,
+    base: usize,
+    positions: &[u32],
+    vis: &Visibility,
+    window: Option<usize>,
+    out: &mut [f32],
+) {
+    let (nh, hd, hdv) = (cfg.n_heads, cfg.head_dim, cfg.head_dim_v);
+    let group = nh / cfg.n_kv_heads;
+    let (k_dim, v_dim) = (cfg.k_dim(), cfg.v_dim());
+    let work = |idx: usize, o: &mut [f32]| {
+        let (i, h) = (idx / nh, idx % nh);
+        let kvh = h / group;
+        let qv = &q[(i * nh + h) * hd..][..hd];
+        let p = positions[i] as usize;
+        let visible = |kp: usize| window.is_none_or(|w| p - kp < w);
+        let lo = window.map_or(0, |w| (p + 1).saturating_sub(w)).min(base);
+        let mut rows: Vec<usize> = (lo..base).collect();
+        match vis {
+            Visibility::Causal => rows.extend((0..=i).filter(|&j| visible(positions[j] as usize)).map(|j| base + j)),
+            Visibility::Tree(lists) => rows.extend(
+                lists[i].iter().filter(|&&j| visible(positions[j as usize] as usize)).map(|&j| base + j as usize),
+            ),
+        }
+        let mut scores: Vec<f32> = rows
+            .iter()
+            .map(|&r| {
+                let s = dot_f32(qv, &lkv.k[r * k_dim + kvh * hd..][..hd]) * cfg.attn_scale;
+                match cfg.attn_softcap {
+                    Some(c) => (s / c).tanh() * c,
+                    None => s,
+                }
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f64;
+        for s in &mut scores {
+            *s = (*s - max).exp();
+            sum += f64::from(*s);
+        }
+        let inv = (1.0 / sum) as f32;
+        o.fill(0.0);
+        for (&r, &s) in rows.iter().zip(&scores) {
+            let p = half::f16::from_f32(s * inv).to_f32();
+            axpy_f32(p, &lkv.v[r * v_dim + kvh * hdv..][..hdv], o);
+        }
+    };
+    let n_rows = positions.len() * nh;
+    let keys = base + positions.len();
+    if n_rows * keys * hd < 1 << 15 {
+        out.chunks_exact_mut(hdv).enumerate().for_each(|(idx, o)| work(idx, o));
+    } else {
+        out.par_chunks_exact_mut(hdv).enumerate().for_each(|(idx, o)| work(idx, o));
+    }
+}
+
+/// cos/sin per (row, frequency) for the two RoPE bases a model may use.
+struct RopeTables {
+    style: RopeStyle,
+    dims: usize,
+    global: Vec<(f32, f32)>,
+    local: Vec<(f32, f32)>,
+}
+
+impl RopeTables {
+    fn new(cfg: &ModelConfig, factors: Option<&[f32]>, positions: &[u32]) -> RopeTables {
+        let table = |base: f32, scale: f32| {
+            let half = cfg.rope_dims / 2;
+            let theta_scale = base.powf(-2.0 / cfg.rope_dims as f32);
+            let mut t = Vec::with_capacity(positions.len() * half);
+            for &p in positions {
+                // Same recurrence as the reference implementation: theta_i = p * theta_scale^i.
+                let mut theta = p as f32 / scale;
+                for i in 0..half {
+                    let th = factors.map_or(theta, |f| theta / f[i]);
+                    t.push((th.cos(), th.sin()));
+                    theta *= theta_scale;
+                }
+            }
+            t
+        };
+        let global = table(cfg.rope_base, cfg.rope_scale);
+        let local = if cfg.rope_base_local != cfg.rope_base || cfg.rope_scale != 1.0 {
+            table(cfg.rope_base_local, 1.0)
+        } else {
+            global.clone()
+        };
+        RopeTables { style: cfg.rope_style, dims: cfg.rope_dims, global, local }
+    }
+
+    /// Rotate every head of every row of `x` (`[rows][heads][hd]`).
+    fn apply(&self, table: &[(f32, f32)], x: &mut [f32], heads: usize, hd: usize) {
+        let half = self.dims / 2;
+        for (row, cs_row) in x.chunks_exact_mut(heads * hd).zip(table.chunks_exact(half)) {
+            for head in row.chunks_exact_mut(hd) {
+                for (i, &(c, s)) in cs_row.iter().enumerate() {
+                    let (a, b) = match self.style {
+                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                        RopeStyle::Neox => (i, i + half),
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * c - x1 * s;
+                    head[b] = x0 * s + x1 * c;
+                }
+            }
+        }
+    }
+}
+
+fn round_f16(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+}
+
+fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        x.chunks_exact_mut(b.len()).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+    }
+}
+
+/// RMS norm with the sum of squares in f64 (as the reference implementation does).
+pub(crate) fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    let ss: f64 = x.iter().map(|&v| f64::from(v * v)).sum();
+    let mean = (ss / x.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    x.iter_mut().zip(w).for_each(|(v, w)| *v = *v * scale * w);
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+}

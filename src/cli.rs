@@ -1,0 +1,121 @@
+//! Command-line surface.
+
+use clap::{Args, Parser, Subcommand};
+use specswarm_engine::sampling::SamplerConfig;
+
+#[derive(Parser, Debug)]
+#[command(name = "specswarm", version, about = "Speculative decoding over a swarm of layer-sharded workers")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Manage cached models.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Generate text with a whole model in this process.
+    Generate(GenerateArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+    /// Pull the default model and run a few prompts, printing what ran where and how fast.
+    Demo {
+        #[arg(long, default_value_t = 48)]
+        max_tokens: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelCommand {
+    /// Download, verify and cache a named model (skipped when the cached copy verifies).
+    Pull {
+        name: String,
+        /// Download again even if a verified copy is cached.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show known models and what is cached.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Prefill (128 and 512 tokens) and decode (128 tokens) speed of the local engine.
+    Engine(BenchEngineArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchEngineArgs {
+    /// A known model name or a path to a GGUF file.
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// Compute threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Repetitions; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// A known model name (pulled on first use) or a path to a GGUF file.
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user turn in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Compute threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl GenerateArgs {
+    pub fn sampler_config(&self) -> SamplerConfig {
+        SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            seed: self.seed,
+            ..SamplerConfig::default()
+        }
+    }
+}
