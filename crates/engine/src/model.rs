@@ -87,9 +87,8 @@ impl StepOutput {
 
 struct Layer {
     attn_norm: Vec<f32>,
-    wq: QMatrix,
-    wk: QMatrix,
-    wv: QMatrix,
+    /// Q, K and V projections (fused into one matrix when their formats agree).
+    qkv: Projections,
     wo: QMatrix,
     bq: Option<Vec<f32>>,
     bk: Option<Vec<f32>>,
@@ -98,8 +97,8 @@ struct Layer {
     k_norm: Option<Vec<f32>>,
     post_attn_norm: Option<Vec<f32>>,
     ffn_norm: Vec<f32>,
-    w_gate: QMatrix,
-    w_up: QMatrix,
+    /// Gate and up projections (fused when their formats agree).
+    gate_up: Projections,
     w_down: QMatrix,
     post_ffn_norm: Option<Vec<f32>>,
 }
@@ -341,13 +340,11 @@ impl ModelSlice {
         let mut h = x.to_vec();
         h.chunks_exact_mut(d).for_each(|r| rms_norm(r, &w.attn_norm, cfg.rms_eps));
         let mut q = vec![0f32; n * cfg.q_dim()];
-        w.wq.matmul(&h, n, &mut q);
         let (k_dim, v_dim) = (cfg.k_dim(), cfg.v_dim());
         let lkv = &mut kv.layers[slot];
         let k_new = &mut lkv.k[base * k_dim..(base + n) * k_dim];
-        w.wk.matmul(&h, n, k_new);
         let v_new = &mut lkv.v[base * v_dim..(base + n) * v_dim];
-        w.wv.matmul(&h, n, v_new);
+        w.qkv.apply(&h, n, &mut [&mut q, k_new, v_new]);
         add_bias(&mut q, w.bq.as_deref());
         add_bias(&mut lkv.k[base * k_dim..], w.bk.as_deref());
         add_bias(&mut lkv.v[base * v_dim..], w.bv.as_deref());
@@ -380,8 +377,7 @@ impl ModelSlice {
         let f = cfg.ffn_dim;
         let mut g = vec![0f32; n * f];
         let mut u = vec![0f32; n * f];
-        w.w_gate.matmul(&h, n, &mut g);
-        w.w_up.matmul(&h, n, &mut u);
+        w.gate_up.apply(&h, n, &mut [&mut g, &mut u]);
         match cfg.activation {
             Activation::Silu => g.iter_mut().zip(&u).for_each(|(a, b)| *a = silu(*a) * b),
             Activation::GeluTanh => g.iter_mut().zip(&u).for_each(|(a, b)| *a = gelu_tanh(*a) * b),
@@ -421,9 +417,11 @@ fn load_layer(file: &GgufFile, cfg: &ModelConfig, l: usize) -> Result<Layer, Eng
     };
     Ok(Layer {
         attn_norm: file.load_vector(&t("attn_norm.weight"), d)?,
-        wq: file.load_matrix(&t("attn_q.weight"), cfg.q_dim(), d)?,
-        wk: file.load_matrix(&t("attn_k.weight"), cfg.k_dim(), d)?,
-        wv: file.load_matrix(&t("attn_v.weight"), cfg.v_dim(), d)?,
+        qkv: Projections::new(vec![
+            file.load_matrix(&t("attn_q.weight"), cfg.q_dim(), d)?,
+            file.load_matrix(&t("attn_k.weight"), cfg.k_dim(), d)?,
+            file.load_matrix(&t("attn_v.weight"), cfg.v_dim(), d)?,
+        ]),
         wo: file.load_matrix(&t("attn_output.weight"), d, cfg.n_heads * cfg.head_dim_v)?,
         bq: vec_opt("attn_q.bias", cfg.q_dim())?,
         bk: vec_opt("attn_k.bias", cfg.k_dim())?,
@@ -432,11 +430,56 @@ fn load_layer(file: &GgufFile, cfg: &ModelConfig, l: usize) -> Result<Layer, Eng
         k_norm,
         post_attn_norm,
         ffn_norm: file.load_vector(&t("ffn_norm.weight"), d)?,
-        w_gate: file.load_matrix(&t("ffn_gate.weight"), cfg.ffn_dim, d)?,
-        w_up: file.load_matrix(&t("ffn_up.weight"), cfg.ffn_dim, d)?,
+        gate_up: Projections::new(vec![
+            file.load_matrix(&t("ffn_gate.weight"), cfg.ffn_dim, d)?,
+            file.load_matrix(&t("ffn_up.weight"), cfg.ffn_dim, d)?,
+        ]),
         w_down: file.load_matrix(&t("ffn_down.weight"), d, cfg.ffn_dim)?,
         post_ffn_norm,
     })
+}
+
+/// Several projections of the same input. When all share a format their rows are stacked into
+/// one matrix, so the input is quantized once and one parallel region computes all of them.
+enum Projections {
+    Fused { m: QMatrix, rows: Vec<usize> },
+    Separate(Vec<QMatrix>),
+}
+
+impl Projections {
+    fn new(ms: Vec<QMatrix>) -> Projections {
+        let ty = ms[0].ty();
+        if ms.iter().any(|m| m.ty() != ty) {
+            return Projections::Separate(ms);
+        }
+        let rows: Vec<usize> = ms.iter().map(QMatrix::rows).collect();
+        let data: Vec<u8> = ms.iter().flat_map(|m| m.data().iter().copied()).collect();
+        let m = QMatrix::new(ty, rows.iter().sum(), ms[0].cols(), data).expect("stacked rows have the parts' layout");
+        Projections::Fused { m, rows }
+    }
+
+    /// `outs[i] = W_i · x` for `n` rows of `x`, each `outs[i]` laid out `[n][rows_i]`.
+    fn apply(&self, x: &[f32], n: usize, outs: &mut [&mut [f32]]) {
+        match self {
+            Projections::Separate(ms) => {
+                for (m, out) in ms.iter().zip(outs.iter_mut()) {
+                    m.matmul(x, n, out);
+                }
+            }
+            Projections::Fused { m, rows } => {
+                let total = m.rows();
+                let mut tmp = vec![0f32; n * total];
+                m.matmul(x, n, &mut tmp);
+                for (t, row) in tmp.chunks_exact(total).enumerate() {
+                    let mut at = 0;
+                    for (out, &r) in outs.iter_mut().zip(rows) {
+                        out[t * r..(t + 1) * r].copy_from_slice(&row[at..at + r]);
+                        at += r;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Which batch rows each row attends to (besides the committed prefix).

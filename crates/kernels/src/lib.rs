@@ -19,7 +19,7 @@ mod types;
 
 pub use blocks::{dequantize_row, quantize_row};
 pub use dot::{vec_dot, vec_dot_scalar};
-pub use matmul::QMatrix;
+pub use matmul::{QMatrix, matmul_many};
 pub use types::{GgmlType, QK, QK_K};
 
 /// Why a kernel call was refused.

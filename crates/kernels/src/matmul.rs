@@ -72,59 +72,74 @@ impl QMatrix {
 
     /// `y[t*rows + r] = Σ_c W[r,c] · x[t*cols + c]` for `t < n_tokens`.
     pub fn matmul(&self, x: &[f32], n_tokens: usize, y: &mut [f32]) {
-        let mut scratch = Vec::new();
-        self.matmul_with_scratch(x, n_tokens, y, &mut scratch);
+        matmul_many(x, n_tokens, &mut [(self, y)]);
     }
+}
 
-    /// [`QMatrix::matmul`] reusing `scratch` for the quantized activations.
-    ///
-    /// The activation rows are quantized once to the weight type's companion format; the weight
-    /// rows are then split over the current rayon pool, and each task multiplies its rows with all
-    /// tokens, so every weight row is read from memory once per call.
-    pub fn matmul_with_scratch(&self, x: &[f32], n_tokens: usize, y: &mut [f32], scratch: &mut Vec<u8>) {
-        assert_eq!(x.len(), n_tokens * self.cols, "matmul input length");
-        assert_eq!(y.len(), n_tokens * self.rows, "matmul output length");
-        let act = self.ty.vec_dot_type();
-        let xb = act.row_bytes(self.cols).expect("activation row is whole blocks when the weight row is");
-        scratch.resize(xb * n_tokens, 0);
-        for (dst, src) in scratch.chunks_exact_mut(xb).zip(x.chunks_exact(self.cols)) {
-            quantize_row(act, src, dst).expect("activation format is quantizable");
-        }
-        let xq: &[u8] = scratch;
-        let threads = rayon::current_num_threads();
-        let per_task = (self.rows / (threads * 4)).max(ROWS_PER_TASK_MIN);
-        let (ty, cols) = (self.ty, self.cols);
-        if n_tokens == 1 {
-            let run = |(chunk, out): (usize, &mut [f32])| {
-                for (i, o) in out.iter_mut().enumerate() {
-                    *o = vec_dot(ty, cols, self.row(chunk * per_task + i), xq);
-                }
-            };
-            if threads == 1 || self.rows <= per_task {
-                y.chunks_mut(per_task).enumerate().for_each(run);
-            } else {
-                y.par_chunks_mut(per_task).enumerate().for_each(run);
+/// Several matrices applied to the same input in one parallel region: `jobs[i].1 = jobs[i].0 · x`.
+///
+/// The input rows are quantized once per companion format; the weight rows of all matrices are
+/// split into tasks over the current rayon pool, and each task multiplies its rows with every
+/// token, so each weight row is read from memory once per call. With one thread no rayon call is
+/// made at all.
+pub fn matmul_many(x: &[f32], n_tokens: usize, jobs: &mut [(&QMatrix, &mut [f32])]) {
+    let Some(cols) = jobs.first().map(|j| j.0.cols) else { return };
+    assert_eq!(x.len(), n_tokens * cols, "matmul input length");
+    // Quantize the input once for each distinct companion format.
+    let mut quantized: Vec<(GgmlType, usize, Vec<u8>)> = Vec::with_capacity(2);
+    for (m, y) in jobs.iter() {
+        assert_eq!(m.cols, cols, "matmul_many needs matrices with the same input width");
+        assert_eq!(y.len(), n_tokens * m.rows, "matmul output length");
+        let act = m.ty.vec_dot_type();
+        if quantized.iter().all(|q| q.0 != act) {
+            let xb = act.row_bytes(cols).expect("activation row is whole blocks when the weight row is");
+            let mut buf = vec![0u8; xb * n_tokens];
+            for (dst, src) in buf.chunks_exact_mut(xb).zip(x.chunks_exact(cols)) {
+                quantize_row(act, src, dst).expect("activation format is quantizable");
             }
-            return;
+            quantized.push((act, xb, buf));
         }
-        // Several tokens: compute [row][token] tiles, then transpose into [token][row].
-        let mut tmp = vec![0f32; self.rows * n_tokens];
-        let run = |(chunk, out): (usize, &mut [f32])| {
-            for (i, o) in out.chunks_exact_mut(n_tokens).enumerate() {
-                let w = self.row(chunk * per_task + i);
-                for (t, v) in o.iter_mut().enumerate() {
-                    *v = vec_dot(ty, cols, w, &xq[t * xb..(t + 1) * xb]);
-                }
+    }
+    let threads = rayon::current_num_threads();
+    let total_rows: usize = jobs.iter().map(|j| j.0.rows).sum();
+    let per_task = (total_rows / (threads * 4)).max(ROWS_PER_TASK_MIN);
+    // Tasks: (matrix, first row, output rows laid out [row][token]).
+    let mut outputs: Vec<Vec<f32>> = Vec::new();
+    let mut tasks: Vec<(&QMatrix, usize, &mut [f32])> = Vec::new();
+    if n_tokens == 1 {
+        for (m, y) in jobs.iter_mut() {
+            for (c, chunk) in y.chunks_mut(per_task).enumerate() {
+                tasks.push((*m, c * per_task, chunk));
             }
-        };
-        if threads == 1 {
-            tmp.chunks_mut(per_task * n_tokens).enumerate().for_each(run);
-        } else {
-            tmp.par_chunks_mut(per_task * n_tokens).enumerate().for_each(run);
         }
-        for (r, row) in tmp.chunks_exact(n_tokens).enumerate() {
+    } else {
+        outputs = jobs.iter().map(|j| vec![0f32; j.0.rows * n_tokens]).collect();
+        for ((m, _), out) in jobs.iter().zip(outputs.iter_mut()) {
+            for (c, chunk) in out.chunks_mut(per_task * n_tokens).enumerate() {
+                tasks.push((*m, c * per_task, chunk));
+            }
+        }
+    }
+    let run = |(m, first, out): &mut (&QMatrix, usize, &mut [f32])| {
+        let (_, xb, xq) = quantized.iter().find(|q| q.0 == m.ty.vec_dot_type()).expect("input quantized");
+        for (i, o) in out.chunks_exact_mut(n_tokens).enumerate() {
+            let w = m.row(*first + i);
+            for (t, v) in o.iter_mut().enumerate() {
+                *v = vec_dot(m.ty, m.cols, w, &xq[t * xb..(t + 1) * xb]);
+            }
+        }
+    };
+    if threads == 1 || tasks.len() == 1 {
+        tasks.iter_mut().for_each(run);
+    } else {
+        tasks.par_iter_mut().for_each(run);
+    }
+    drop(tasks);
+    // Several tokens: transpose [row][token] into [token][row].
+    for ((m, y), out) in jobs.iter_mut().zip(&outputs) {
+        for (r, row) in out.chunks_exact(n_tokens).enumerate() {
             for (t, &v) in row.iter().enumerate() {
-                y[t * self.rows + r] = v;
+                y[t * m.rows + r] = v;
             }
         }
     }

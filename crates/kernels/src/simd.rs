@@ -8,21 +8,31 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use crate::blocks::{f16_at, scale_min_k4};
+use crate::blocks::scale_min_k4;
 use crate::types::{GgmlType, QK, QK_K};
 
-/// Whether this CPU has AVX2 and FMA (checked once).
+/// Half float at byte offset `at`, converted with the F16C instruction.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_at(b: &[u8], at: usize) -> f32 {
+    debug_assert!(at + 2 <= b.len());
+    let h = u16::from_le_bytes([*b.get_unchecked(at), *b.get_unchecked(at + 1)]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
+}
+
+/// Whether this CPU has AVX2, FMA and F16C (checked once).
 pub fn has_avx2() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
         std::env::var_os("SPECSWARM_NO_SIMD").is_none()
             && is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     })
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn hsum_ps(v: __m256) -> f32 {
     let lo = _mm256_castps256_ps128(v);
     let hi = _mm256_extractf128_ps(v, 1);
@@ -34,7 +44,7 @@ unsafe fn hsum_ps(v: __m256) -> f32 {
 
 /// Sum of products of 32 signed bytes, as 8 i32 lanes.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_i8(x: __m256i, y: __m256i) -> __m256i {
     let ax = _mm256_sign_epi8(x, x);
     let sy = _mm256_sign_epi8(y, x);
@@ -43,14 +53,14 @@ unsafe fn dot_i8(x: __m256i, y: __m256i) -> __m256i {
 
 /// Sum of products of 32 unsigned bytes (< 128) with 32 signed bytes, as 8 i32 lanes.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_u8_i8(x: __m256i, y: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
 }
 
 /// 16 packed bytes of nibbles → 32 bytes: low nibbles (elements 0..16), then high (16..32).
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
     let raw = _mm_loadu_si128(p as *const __m128i);
     let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
@@ -59,7 +69,7 @@ unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
 
 /// 32 bits → 32 bytes, 0xFF where the bit is set.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn bits_to_bytes(bits: u32) -> __m256i {
     let idx = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
     let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), idx);
@@ -71,7 +81,7 @@ unsafe fn bits_to_bytes(bits: u32) -> __m256i {
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA, and the slices must hold `n` elements of their formats.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn vec_dot_avx2(ty: GgmlType, n: usize, w: &[u8], x: &[u8]) -> Option<f32> {
     debug_assert!(w.len() >= ty.row_bytes(n).unwrap_or(usize::MAX));
     debug_assert!(x.len() >= ty.vec_dot_type().row_bytes(n).unwrap_or(usize::MAX));
@@ -99,7 +109,7 @@ pub unsafe fn vec_dot_avx2(ty: GgmlType, n: usize, w: &[u8], x: &[u8]) -> Option
 
 /// Blocks of 32 with one f16 scale each on both sides: sum(d_w * d_x * int_dot).
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn legacy(
     n: usize,
     w: &[u8],
@@ -118,7 +128,7 @@ unsafe fn legacy(
     hsum_ps(acc)
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_1(n: usize, w: &[u8], x: &[u8]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut mins = 0f32;
@@ -134,7 +144,7 @@ unsafe fn q4_1(n: usize, w: &[u8], x: &[u8]) -> f32 {
     hsum_ps(acc) + mins
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k(n: usize, w: &[u8], x: &[u8]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut mins = 0f32;
@@ -167,7 +177,7 @@ unsafe fn q4_k(n: usize, w: &[u8], x: &[u8]) -> f32 {
     hsum_ps(acc) - mins
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_k(n: usize, w: &[u8], x: &[u8]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let m4 = _mm256_set1_epi8(0x0F);
@@ -218,7 +228,7 @@ unsafe fn q6_k(n: usize, w: &[u8], x: &[u8]) -> f32 {
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
@@ -240,7 +250,7 @@ pub unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn axpy_f32_avx2(a: f32, x: &[f32], y: &mut [f32]) {
     let n = x.len().min(y.len());
     let va = _mm256_set1_ps(a);
