@@ -45,6 +45,8 @@ fn main() {
     println!("simd (avx2+fma+f16c): {}", simd_available());
     let cases: &[(GgmlType, usize, usize, &[usize])] = &[
         (GgmlType::Q4_1, 576, 1536, &[0, 2]),
+        (GgmlType::Q4_1, 8192, 4096, &[0, 2]),
+        (GgmlType::Q8_0, 1024, 1024, &[0]),
         (GgmlType::Q8_0, 262144, 640, &[0]),
         (GgmlType::Q5_0, 2048, 640, &[0]),
         (GgmlType::Q4K, 2048, 2048, &[0, 2]),

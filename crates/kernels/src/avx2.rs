@@ -110,98 +110,112 @@ unsafe fn bits_to_bytes(bits: u32) -> __m256i {
     _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel)
 }
 
+/// Four f16 values at `p + k*stride`, k = 0..4, as f32.
+#[inline(always)]
+unsafe fn ld_f16x4(p: *const u8, stride: usize) -> __m128 {
+    let g = |k: usize| (p.add(k * stride) as *const u16).read_unaligned() as u64;
+    let v = g(0) | (g(1) << 16) | (g(2) << 32) | (g(3) << 48);
+    _mm_cvtph_ps(_mm_cvtsi64_si128(v as i64))
+}
+
+/// Four pairs of f16 values (4 bytes) at `p + k*stride`, k = 0..4, as 8 f32 `[a0,b0,a1,b1,..]`.
+#[inline(always)]
+unsafe fn ld_f16pairs_x4(p: *const u8, stride: usize) -> __m256 {
+    let g = |k: usize| (p.add(k * stride) as *const i32).read_unaligned();
+    _mm256_cvtph_ps(_mm_set_epi32(g(3), g(2), g(1), g(0)))
+}
+
+/// Shared loop of the 32-element block kernels: four blocks per iteration with their scales
+/// converted together. `$blockdot` yields the block's integer dot as 8 f32 partial sums.
+/// With `$has_m`, the weight has `(d, m)` and the activation `(d, s)` at the block start and
+/// `m * s` is added per block (Q4_1 / Q5_1 x Q8_1).
+macro_rules! legacy_dot {
+    ($nb:expr, $w:expr, $x:expr, $wbs:expr, $xbs:expr, $has_m:expr, |$wb:ident, $xb:ident| $blockdot:expr) => {{
+        let (nb, w, x): (usize, *const u8, *const u8) = ($nb, $w, $x);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut accm = _mm256_setzero_ps();
+        let lane = |k: i32| _mm256_set1_epi32(if $has_m { 2 * k } else { k });
+        let idx = [lane(0), lane(1), lane(2), lane(3)];
+        let mut i = 0;
+        while i + 4 <= nb {
+            let (wp, xp) = (w.add(i * $wbs), x.add(i * $xbs));
+            let sc = if $has_m {
+                let p = _mm256_mul_ps(ld_f16pairs_x4(wp, $wbs), ld_f16pairs_x4(xp, $xbs));
+                accm = _mm256_add_ps(accm, p);
+                p
+            } else {
+                _mm256_castps128_ps256(_mm_mul_ps(ld_f16x4(wp, $wbs), ld_f16x4(xp, $xbs)))
+            };
+            for k in 0..4 {
+                let ($wb, $xb) = (wp.add(k * $wbs), xp.add(k * $xbs));
+                let p = $blockdot;
+                let d = _mm256_permutevar8x32_ps(sc, idx[k]);
+                acc[k & 1] = _mm256_fmadd_ps(d, p, acc[k & 1]);
+            }
+            i += 4;
+        }
+        let mut summ = 0.0f32;
+        while i < nb {
+            let ($wb, $xb) = (w.add(i * $wbs), x.add(i * $xbs));
+            let p = $blockdot;
+            acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(ld_f16($wb) * ld_f16($xb)), p, acc[0]);
+            if $has_m {
+                summ += ld_f16($wb.add(2)) * ld_f16($xb.add(2));
+            }
+            i += 1;
+        }
+        let mut r = hsum_ps(_mm256_add_ps(acc[0], acc[1]));
+        if $has_m {
+            // Odd lanes of accm hold the m * s products.
+            r += hsum_ps(_mm256_blend_ps(_mm256_setzero_ps(), accm, 0b1010_1010)) + summ;
+        }
+        r
+    }};
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_0_q8_0(nb: usize, w: *const u8, x: *const u8) -> f32 {
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 1 < nb {
-        let (wb, xb) = (w.add(i * 34), x.add(i * 34));
-        let p = mul_sum_i8_i8(ld256(wb.add(2)), ld256(xb.add(2)));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(ld_f16(wb) * ld_f16(xb)), p, acc0);
-        let (wb, xb) = (wb.add(34), xb.add(34));
-        let p = mul_sum_i8_i8(ld256(wb.add(2)), ld256(xb.add(2)));
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(ld_f16(wb) * ld_f16(xb)), p, acc1);
-        i += 2;
-    }
-    if i < nb {
-        let (wb, xb) = (w.add(i * 34), x.add(i * 34));
-        let p = mul_sum_i8_i8(ld256(wb.add(2)), ld256(xb.add(2)));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(ld_f16(wb) * ld_f16(xb)), p, acc0);
-    }
-    hsum_ps(_mm256_add_ps(acc0, acc1))
+    legacy_dot!(nb, w, x, 34, 34, false, |wb, xb| mul_sum_i8_i8(ld256(wb.add(2)), ld256(xb.add(2))))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_0_q8_0(nb: usize, w: *const u8, x: *const u8) -> f32 {
-    let mut acc = _mm256_setzero_ps();
     let eight = _mm256_set1_epi8(8);
-    for i in 0..nb {
-        let (wb, xb) = (w.add(i * 18), x.add(i * 34));
+    legacy_dot!(nb, w, x, 18, 34, false, |wb, xb| {
         let q = _mm256_sub_epi8(unpack_nibbles16(wb.add(2)), eight);
-        let p = mul_sum_i8_i8(q, ld256(xb.add(2)));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(ld_f16(wb) * ld_f16(xb)), p, acc);
-    }
-    hsum_ps(acc)
+        mul_sum_i8_i8(q, ld256(xb.add(2)))
+    })
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_1_q8_1(nb: usize, w: *const u8, x: *const u8) -> f32 {
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
-    let mut summ = 0.0f32;
-    let mut i = 0;
-    while i + 1 < nb {
-        let (wb, xb) = (w.add(i * 20), x.add(i * 36));
-        let p = mul_sum_u8_i8(unpack_nibbles16(wb.add(4)), ld256(xb.add(4)));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(ld_f16(wb) * ld_f16(xb)), p, acc0);
-        summ += ld_f16(wb.add(2)) * ld_f16(xb.add(2));
-        let (wb, xb) = (wb.add(20), xb.add(36));
-        let p = mul_sum_u8_i8(unpack_nibbles16(wb.add(4)), ld256(xb.add(4)));
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(ld_f16(wb) * ld_f16(xb)), p, acc1);
-        summ += ld_f16(wb.add(2)) * ld_f16(xb.add(2));
-        i += 2;
-    }
-    if i < nb {
-        let (wb, xb) = (w.add(i * 20), x.add(i * 36));
-        let p = mul_sum_u8_i8(unpack_nibbles16(wb.add(4)), ld256(xb.add(4)));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(ld_f16(wb) * ld_f16(xb)), p, acc0);
-        summ += ld_f16(wb.add(2)) * ld_f16(xb.add(2));
-    }
-    hsum_ps(_mm256_add_ps(acc0, acc1)) + summ
+    legacy_dot!(nb, w, x, 20, 36, true, |wb, xb| mul_sum_u8_i8(
+        unpack_nibbles16(wb.add(4)),
+        ld256(xb.add(4))
+    ))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_0_q8_0(nb: usize, w: *const u8, x: *const u8) -> f32 {
-    let mut acc = _mm256_setzero_ps();
     let f0 = _mm256_set1_epi8(0xF0u8 as i8);
-    for i in 0..nb {
-        let (wb, xb) = (w.add(i * 22), x.add(i * 34));
+    legacy_dot!(nb, w, x, 22, 34, false, |wb, xb| {
         let qh = (wb.add(2) as *const u32).read_unaligned();
         // (nibble | bit << 4) - 16 == nibble | 0xF0 when the bit is clear, nibble otherwise.
         let hi = _mm256_andnot_si256(bits_to_bytes(qh), f0);
         let q = _mm256_or_si256(unpack_nibbles16(wb.add(6)), hi);
-        let p = mul_sum_i8_i8(q, ld256(xb.add(2)));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(ld_f16(wb) * ld_f16(xb)), p, acc);
-    }
-    hsum_ps(acc)
+        mul_sum_i8_i8(q, ld256(xb.add(2)))
+    })
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_1_q8_1(nb: usize, w: *const u8, x: *const u8) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut summ = 0.0f32;
     let b4 = _mm256_set1_epi8(0x10);
-    for i in 0..nb {
-        let (wb, xb) = (w.add(i * 24), x.add(i * 36));
+    legacy_dot!(nb, w, x, 24, 36, true, |wb, xb| {
         let qh = (wb.add(4) as *const u32).read_unaligned();
         let hi = _mm256_and_si256(bits_to_bytes(qh), b4);
         let q = _mm256_or_si256(unpack_nibbles16(wb.add(8)), hi);
-        let p = mul_sum_u8_i8(q, ld256(xb.add(4)));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(ld_f16(wb) * ld_f16(xb)), p, acc);
-        summ += ld_f16(wb.add(2)) * ld_f16(xb.add(2));
-    }
-    hsum_ps(acc) + summ
+        mul_sum_u8_i8(q, ld256(xb.add(4)))
+    })
 }
 
 /// Bsums of a Q8_K block (16 x i16) as 8 i32 pair sums: pair j = bsums[2j] + bsums[2j+1].
