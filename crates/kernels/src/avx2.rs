@@ -441,3 +441,116 @@ unsafe fn bf16_f32(n: usize, w: *const u8, x: *const u8) -> f32 {
     }
     s
 }
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization
+// ---------------------------------------------------------------------------------------------
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hmax_ps(v: __m256) -> f32 {
+    let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    _mm_cvtss_f32(m)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
+/// Round-to-nearest-even of 32 floats times `id`, stored as 32 i8 at `out` (clamped to
+/// +-127); returns the four i32x8 vectors (elements 0..8, 8..16, 16..24, 24..32).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_store32(src: *const f32, id: f32, out: *mut u8) -> [__m256i; 4] {
+    let vid = _mm256_set1_ps(id);
+    let lim = _mm256_set1_epi32(127);
+    let nlim = _mm256_set1_epi32(-127);
+    let mut q = [_mm256_setzero_si256(); 4];
+    for (k, qk) in q.iter_mut().enumerate() {
+        let v = _mm256_mul_ps(_mm256_loadu_ps(src.add(8 * k)), vid);
+        let r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        *qk = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(r), lim), nlim);
+    }
+    let a = _mm256_packs_epi32(q[0], q[1]);
+    let b = _mm256_packs_epi32(q[2], q[3]);
+    let p = _mm256_packs_epi16(a, b);
+    let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(out as *mut __m256i, p);
+    q
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn absmax32(src: *const f32) -> f32 {
+    let sign = _mm256_set1_ps(-0.0);
+    let mut m = _mm256_setzero_ps();
+    for k in 0..4 {
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(src.add(8 * k))));
+    }
+    hmax_ps(m)
+}
+
+#[inline(always)]
+unsafe fn f16_bits(v: f32) -> u16 {
+    _mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT), 0) as u16
+}
+
+#[inline(always)]
+unsafe fn f16_round(v: f32) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT)))
+}
+
+/// AVX2 twin of the scalar Q8_0 / Q8_1 / Q8_K quantizers (byte-identical output).
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `src` and `dst` must be whole blocks of `ty`
+/// (one of Q8_0, Q8_1, Q8_K) of matching length.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_q8(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
+    let s = src.as_ptr();
+    let o = dst.as_mut_ptr();
+    match ty {
+        GgmlType::Q8_0 | GgmlType::Q8_1 => {
+            let (bb, qo) = if ty == GgmlType::Q8_0 { (34, 2) } else { (36, 4) };
+            for i in 0..src.len() / 32 {
+                let (sb, ob) = (s.add(32 * i), o.add(bb * i));
+                let d = absmax32(sb) / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let q = q8_store32(sb, id, ob.add(qo));
+                (ob as *mut u16).write_unaligned(f16_bits(d).to_le());
+                if ty == GgmlType::Q8_1 {
+                    let t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+                    let sum = hsum_epi32(t) as f32;
+                    (ob.add(2) as *mut u16).write_unaligned(f16_bits(f16_round(d) * sum).to_le());
+                }
+            }
+        }
+        GgmlType::Q8K => {
+            for i in 0..src.len() / 256 {
+                let (sb, ob) = (s.add(256 * i), o.add(292 * i));
+                let mut amax = 0.0f32;
+                for k in 0..8 {
+                    amax = amax.max(absmax32(sb.add(32 * k)));
+                }
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                (ob as *mut f32).write_unaligned(d);
+                for k in 0..8 {
+                    let q = q8_store32(sb.add(32 * k), id, ob.add(4 + 32 * k));
+                    let g0 = hsum_epi32(_mm256_add_epi32(q[0], q[1])) as i16;
+                    let g1 = hsum_epi32(_mm256_add_epi32(q[2], q[3])) as i16;
+                    (ob.add(260 + 4 * k) as *mut i16).write_unaligned(g0.to_le());
+                    (ob.add(262 + 4 * k) as *mut i16).write_unaligned(g1.to_le());
+                }
+            }
+        }
+        _ => unreachable!("quantize_q8 called for {ty}"),
+    }
+}

@@ -340,6 +340,19 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), Ker
     Ok(())
 }
 
+/// Quantize an activation row to `ty` (a `vec_dot_type`): AVX2 for Q8_0 / Q8_1 / Q8_K when
+/// available, byte-identical to [`quantize_row`].
+pub(crate) fn quantize_act(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), KernelError> {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(ty, GgmlType::Q8_0 | GgmlType::Q8_1 | GgmlType::Q8K) && crate::dot::simd_available() {
+        check_lens(ty, src.len(), dst.len())?;
+        // SAFETY: AVX2/FMA/F16C detected; lengths checked (whole blocks on both sides).
+        unsafe { crate::avx2::quantize_q8(ty, src, dst) };
+        return Ok(());
+    }
+    quantize_row(ty, src, dst)
+}
+
 /// The element of largest magnitude, keeping its sign.
 #[inline]
 fn signed_absmax(x: &[f32]) -> f32 {
@@ -431,7 +444,7 @@ fn q8_block(x: &[f32], qs: &mut [u8]) -> (f32, i32) {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut sum = 0i32;
     for (o, &v) in qs.iter_mut().zip(x) {
-        let q = (v * id).round() as i32;
+        let q = (v * id).round_ties_even() as i32;
         sum += q;
         *o = q as i8 as u8;
     }
@@ -457,7 +470,7 @@ fn q_q8k(x: &[f32], b: &mut [u8]) {
     b[0..4].copy_from_slice(&d.to_le_bytes());
     let mut sums = [0i32; 16];
     for (j, &v) in x.iter().enumerate() {
-        let q = ((v * id).round() as i32).clamp(-127, 127);
+        let q = ((v * id).round_ties_even() as i32).clamp(-127, 127);
         sums[j / 16] += q;
         b[4 + j] = q as i8 as u8;
     }
@@ -553,4 +566,36 @@ fn q_q6k(x: &[f32], b: &mut [u8]) {
         rest[g] = sc[g] as u8;
     }
     wr_f16(rest, 16, d);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_activation_quantizers_match_reference() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        for ty in [GgmlType::Q8_0, GgmlType::Q8_1, GgmlType::Q8K] {
+            for trial in 0..50 {
+                let n = 1024;
+                let scale = [1.0f32, 1e-3, 50.0, 0.0][trial % 4];
+                let mut x: Vec<f32> = (0..n).map(|_| next() * scale).collect();
+                if trial % 5 == 0 {
+                    // Exact ties: multiples of d / 2.
+                    x.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 255) as f32 * 0.5 - 63.5);
+                }
+                let rb = ty.row_bytes(n).unwrap();
+                let (mut a, mut b) = (vec![0u8; rb], vec![0u8; rb]);
+                quantize_row(ty, &x, &mut a).unwrap();
+                quantize_act(ty, &x, &mut b).unwrap();
+                assert_eq!(a, b, "{ty} trial {trial}");
+            }
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! [`QMatrix`]: a row-major quantized weight matrix and its (parallel) matrix multiply.
 
-use crate::blocks::{dequantize_row, quantize_row};
+use crate::blocks::{dequantize_row, quantize_act, quantize_row};
 use crate::dot::dot_fn;
 use crate::types::{GgmlType, KernelError};
 use std::cell::RefCell;
@@ -139,7 +139,7 @@ impl QMatrix {
         scratch.clear();
         scratch.resize(n_tokens * xrb, 0);
         for (src, dst) in x[..n_tokens * cols].chunks_exact(cols).zip(scratch.chunks_exact_mut(xrb)) {
-            quantize_row(vt, src, dst).expect("activation quantization");
+            quantize_act(vt, src, dst).expect("activation quantization");
         }
         let xq: &[u8] = scratch;
         let out = OutPtr(y.as_mut_ptr());
