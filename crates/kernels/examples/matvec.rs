@@ -83,4 +83,21 @@ fn main() {
             gbs(t2)
         );
     }
+    // Multi-token (speculative verification / prefill): per-token cost vs n_tokens = 1.
+    for &(ty, rows, cols, offs) in &cases[..1] {
+        let m = random_matrix(ty, rows, cols, offs);
+        for nt in [1usize, 4, 16, 64] {
+            let x: Vec<f32> = (0..cols * nt).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+            let mut y = vec![0.0f32; rows * nt];
+            let mut scratch = Vec::new();
+            let t1 = time(min_secs, || pool1.install(|| m.matmul_with_scratch(&x, nt, &mut y, &mut scratch)));
+            println!(
+                "{:5} {rows}x{cols} n_tokens={nt:3}: 1t {:8.3} ms, {:7.2} us/token, {:6.1} GMAC/s",
+                ty.name(),
+                t1 * 1e3,
+                t1 * 1e6 / nt as f64,
+                (rows * cols * nt) as f64 / t1 / 1e9
+            );
+        }
+    }
 }

@@ -39,24 +39,24 @@ pub(crate) fn dot_fn(ty: GgmlType) -> Option<DotFn> {
 }
 
 #[inline(always)]
-unsafe fn ld_f16(p: *const u8) -> f32 {
+pub(crate) unsafe fn ld_f16(p: *const u8) -> f32 {
     let bits = (p as *const u16).read_unaligned();
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
 #[inline(always)]
-unsafe fn ld256(p: *const u8) -> __m256i {
+pub(crate) unsafe fn ld256(p: *const u8) -> __m256i {
     _mm256_loadu_si256(p as *const __m256i)
 }
 
 #[inline(always)]
-unsafe fn ld128(p: *const u8) -> __m128i {
+pub(crate) unsafe fn ld128(p: *const u8) -> __m128i {
     _mm_loadu_si128(p as *const __m128i)
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum_ps(v: __m256) -> f32 {
+pub(crate) unsafe fn hsum_ps(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -66,14 +66,14 @@ unsafe fn hsum_ps(v: __m256) -> f32 {
 /// Sum of adjacent pairs of i16 into i32 lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn sum_i16_pairs(v: __m256i) -> __m256i {
+pub(crate) unsafe fn sum_i16_pairs(v: __m256i) -> __m256i {
     _mm256_madd_epi16(v, _mm256_set1_epi16(1))
 }
 
 /// u8 x i8 products summed in groups of 4 into i32 lanes, as f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn mul_sum_u8_i8(u: __m256i, s: __m256i) -> __m256 {
+pub(crate) unsafe fn mul_sum_u8_i8(u: __m256i, s: __m256i) -> __m256 {
     _mm256_cvtepi32_ps(sum_i16_pairs(_mm256_maddubs_epi16(u, s)))
 }
 
@@ -88,7 +88,7 @@ unsafe fn mul_sum_i8_i8(a: __m256i, b: __m256i) -> __m256 {
 /// 16 packed nibble bytes -> 32 bytes: low nibbles (elements 0..16) then high nibbles.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn unpack_nibbles16(p: *const u8) -> __m256i {
+pub(crate) unsafe fn unpack_nibbles16(p: *const u8) -> __m256i {
     let v = ld128(p);
     let m = _mm_set1_epi8(0x0F);
     let lo = _mm_and_si128(v, m);
@@ -99,7 +99,7 @@ unsafe fn unpack_nibbles16(p: *const u8) -> __m256i {
 /// 32 bits -> 32 bytes, byte j = 0xFF if bit j is set, else 0.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn bits_to_bytes(bits: u32) -> __m256i {
+pub(crate) unsafe fn bits_to_bytes(bits: u32) -> __m256i {
     let v = _mm256_set1_epi32(bits as i32);
     let spread = _mm256_setr_epi8(
         0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, //
@@ -112,7 +112,7 @@ unsafe fn bits_to_bytes(bits: u32) -> __m256i {
 
 /// Four f16 values at `p + k*stride`, k = 0..4, as f32.
 #[inline(always)]
-unsafe fn ld_f16x4(p: *const u8, stride: usize) -> __m128 {
+pub(crate) unsafe fn ld_f16x4(p: *const u8, stride: usize) -> __m128 {
     let g = |k: usize| (p.add(k * stride) as *const u16).read_unaligned() as u64;
     let v = g(0) | (g(1) << 16) | (g(2) << 32) | (g(3) << 48);
     _mm_cvtph_ps(_mm_cvtsi64_si128(v as i64))
@@ -120,7 +120,7 @@ unsafe fn ld_f16x4(p: *const u8, stride: usize) -> __m128 {
 
 /// Four pairs of f16 values (4 bytes) at `p + k*stride`, k = 0..4, as 8 f32 `[a0,b0,a1,b1,..]`.
 #[inline(always)]
-unsafe fn ld_f16pairs_x4(p: *const u8, stride: usize) -> __m256 {
+pub(crate) unsafe fn ld_f16pairs_x4(p: *const u8, stride: usize) -> __m256 {
     let g = |k: usize| (p.add(k * stride) as *const i32).read_unaligned();
     _mm256_cvtph_ps(_mm_set_epi32(g(3), g(2), g(1), g(0)))
 }
@@ -221,13 +221,13 @@ unsafe fn q5_1_q8_1(nb: usize, w: *const u8, x: *const u8) -> f32 {
 /// Bsums of a Q8_K block (16 x i16) as 8 i32 pair sums: pair j = bsums[2j] + bsums[2j+1].
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8k_pair_sums(xb: *const u8) -> __m256i {
+pub(crate) unsafe fn q8k_pair_sums(xb: *const u8) -> __m256i {
     sum_i16_pairs(ld256(xb.add(260)))
 }
 
 /// 8 Q4_K/Q5_K 6-bit (scales, mins) as two i32x8 vectors.
 #[inline(always)]
-unsafe fn k4_scales_mins(s: *const u8) -> ([i32; 8], __m256i) {
+pub(crate) unsafe fn k4_scales_mins(s: *const u8) -> ([i32; 8], __m256i) {
     let s = std::slice::from_raw_parts(s, 12);
     let mut sc = [0i32; 8];
     let mut mn = [0i32; 8];

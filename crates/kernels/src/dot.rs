@@ -13,6 +13,10 @@ use std::sync::OnceLock;
 /// Kernels check that both slices are long enough before touching memory.
 pub(crate) type DotFn = fn(usize, &[u8], &[u8]) -> f32;
 
+/// A multi-token row kernel: `(n, weight row, activation rows, activation row stride in
+/// bytes, out)` computes `out[t] = dot(w, x[t * stride..])` for `t < out.len()` (1..=4).
+pub(crate) type DotMultiFn = fn(usize, &[u8], &[u8], usize, &mut [f32]);
+
 static SIMD: OnceLock<bool> = OnceLock::new();
 
 /// Whether the AVX2 (+FMA, F16C) kernels are used on this machine.
@@ -40,6 +44,16 @@ pub(crate) fn dot_fn(ty: GgmlType) -> DotFn {
         return f;
     }
     scalar_dot_fn(ty)
+}
+
+/// A multi-token kernel for `ty`, if one beats repeated single-row calls.
+pub(crate) fn dot_multi_fn(ty: GgmlType) -> Option<DotMultiFn> {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        return crate::avx2_multi::dot_multi_fn(ty);
+    }
+    let _ = ty;
+    None
 }
 
 pub(crate) fn scalar_dot_fn(ty: GgmlType) -> DotFn {

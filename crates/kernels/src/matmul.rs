@@ -1,7 +1,7 @@
 //! [`QMatrix`]: a row-major quantized weight matrix and its (parallel) matrix multiply.
 
 use crate::blocks::{dequantize_row, quantize_act, quantize_row};
-use crate::dot::dot_fn;
+use crate::dot::{dot_fn, dot_multi_fn};
 use crate::types::{GgmlType, KernelError};
 use std::cell::RefCell;
 
@@ -184,6 +184,7 @@ impl QMatrix {
             return;
         }
         // Tile: a few weight rows (~32 KiB) against a block of tokens (~128 KiB of activations).
+        let multi = dot_multi_fn(self.ty);
         let row_tile = (32 * 1024 / wrb.max(1)).clamp(1, 64);
         let tok_tile = (128 * 1024 / xrb.max(1)).clamp(1, 256);
         let mut rt = r0;
@@ -194,10 +195,19 @@ impl QMatrix {
                 let tt_end = (tt + tok_tile).min(n_tokens);
                 for r in rt..rt_end {
                     let wrow = &self.data[r * wrb..(r + 1) * wrb];
-                    for t in tt..tt_end {
-                        let v = dot(cols, wrow, &xq[t * xrb..(t + 1) * xrb]);
-                        // SAFETY: t < n_tokens, r < rows; exclusive per caller contract.
-                        unsafe { *out.0.add(t * rows + r) = v };
+                    let mut t = tt;
+                    while t < tt_end {
+                        let nt = if multi.is_some() { (tt_end - t).min(4) } else { 1 };
+                        let mut tmp = [0.0f32; 4];
+                        match multi {
+                            Some(mf) => mf(cols, wrow, &xq[t * xrb..tt_end * xrb], xrb, &mut tmp[..nt]),
+                            None => tmp[0] = dot(cols, wrow, &xq[t * xrb..(t + 1) * xrb]),
+                        }
+                        for (k, v) in tmp[..nt].iter().enumerate() {
+                            // SAFETY: t + k < n_tokens, r < rows; exclusive per caller contract.
+                            unsafe { *out.0.add((t + k) * rows + r) = *v };
+                        }
+                        t += nt;
                     }
                 }
                 tt = tt_end;
