@@ -183,10 +183,12 @@ impl QMatrix {
             }
             return;
         }
-        // Tile: a few weight rows (~32 KiB) against a block of tokens (~128 KiB of activations).
         let multi = dot_multi_fn(self.ty);
-        let row_tile = (32 * 1024 / wrb.max(1)).clamp(1, 64);
-        let tok_tile = (128 * 1024 / xrb.max(1)).clamp(1, 256);
+        // Tiles: a group of token rows small enough to stay in L1 (~16 KiB, a multiple of the
+        // 4-token kernel width) against a block of weight rows that stays in L2 (~256 KiB):
+        // weights stream from memory once, then from L2 once per token group.
+        let tok_tile = ((16 * 1024 / xrb.max(1)) & !3).clamp(4, 64);
+        let row_tile = (256 * 1024 / wrb.max(1)).clamp(1, 1024);
         let mut rt = r0;
         while rt < r1 {
             let rt_end = (rt + row_tile).min(r1);
