@@ -54,6 +54,9 @@ fn main() {
         (GgmlType::Q5_0, 2048, 640, &[0]),
         (GgmlType::Q4K, 2048, 2048, &[0, 2]),
         (GgmlType::Q6K, 2048, 2048, &[208]),
+        (GgmlType::Q5K, 2048, 2048, &[0, 2]),
+        (GgmlType::Q3K, 2048, 2048, &[108]),
+        (GgmlType::Q2K, 2048, 2048, &[80, 82]),
     ];
     let pool1 = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let pool2 = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();

@@ -3,7 +3,7 @@
 
 #![allow(unsafe_op_in_unsafe_fn)]
 
-use crate::blocks::k4_scale_min;
+use crate::blocks::{k4_scale_min, q3k_scales};
 use crate::dot::{DotFn, check_row};
 use crate::types::GgmlType;
 use std::arch::x86_64::*;
@@ -31,6 +31,8 @@ pub(crate) fn dot_fn(ty: GgmlType) -> Option<DotFn> {
         GgmlType::Q5_0 => wrap!(GgmlType::Q5_0, q5_0_q8_0),
         GgmlType::Q5_1 => wrap!(GgmlType::Q5_1, q5_1_q8_1),
         GgmlType::Q8_0 => wrap!(GgmlType::Q8_0, q8_0_q8_0),
+        GgmlType::Q2K => wrap!(GgmlType::Q2K, q2k_q8k),
+        GgmlType::Q3K => wrap!(GgmlType::Q3K, q3k_q8k),
         GgmlType::Q4K => wrap!(GgmlType::Q4K, q4k_q8k),
         GgmlType::Q5K => wrap!(GgmlType::Q5K, q5k_q8k),
         GgmlType::Q6K => wrap!(GgmlType::Q6K, q6k_q8k),
@@ -347,6 +349,79 @@ unsafe fn q6k_q8k(nb: usize, w: *const u8, x: *const u8) -> f32 {
                     _mm_set1_epi16(*sc.add(2 * k) as i16),
                 );
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc)
+}
+
+/// Two i16 scale broadcasts: `lo` for the lower 128 bits (elements 0..16 of a 32-element
+/// maddubs product), `hi` for the upper.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scale_pair(lo: i16, hi: i16) -> __m256i {
+    _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q2k_q8k(nb: usize, w: *const u8, x: *const u8) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut accm = _mm256_setzero_ps();
+    let m2 = _mm256_set1_epi8(3);
+    for i in 0..nb {
+        let (wb, xb) = (w.add(i * 84), x.add(i * 292));
+        let xd = (xb as *const f32).read_unaligned();
+        let d = xd * ld_f16(wb.add(80));
+        let dmin = xd * ld_f16(wb.add(82));
+        let scb = ld128(wb);
+        let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(scb, 4), _mm_set1_epi8(0x0F)));
+        let pm = _mm256_madd_epi16(mins, ld256(xb.add(260)));
+        accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(pm), accm);
+        let sc = std::slice::from_raw_parts(wb, 16);
+        let mut sumi = _mm256_setzero_si256();
+        for h in 0..2 {
+            let mut qv = ld256(wb.add(16 + 32 * h));
+            for p in 0..4 {
+                let is = 8 * h + 2 * p;
+                let low = _mm256_and_si256(qv, m2);
+                qv = _mm256_srli_epi16(qv, 2);
+                let prod = _mm256_maddubs_epi16(low, ld256(xb.add(4 + 128 * h + 32 * p)));
+                let s = scale_pair((sc[is] & 0x0F) as i16, (sc[is + 1] & 0x0F) as i16);
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(prod, s));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc) - hsum_ps(accm)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q3k_q8k(nb: usize, w: *const u8, x: *const u8) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let m2 = _mm256_set1_epi8(3);
+    let four = _mm256_set1_epi8(4);
+    for i in 0..nb {
+        let (wb, xb) = (w.add(i * 110), x.add(i * 292));
+        let xd = (xb as *const f32).read_unaligned();
+        let d = xd * ld_f16(wb.add(108));
+        let sc = q3k_scales(std::slice::from_raw_parts(wb.add(96), 12));
+        let hm = ld256(wb);
+        let mut sumi = _mm256_setzero_si256();
+        for h in 0..2 {
+            let mut qv = ld256(wb.add(32 + 32 * h));
+            for p in 0..4 {
+                let is = 8 * h + 2 * p;
+                let low = _mm256_and_si256(qv, m2);
+                qv = _mm256_srli_epi16(qv, 2);
+                // 4 where the high bit is clear: value = low - 4.
+                let bit = _mm256_set1_epi8((1u8 << (4 * h + p)) as i8);
+                let clear = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), _mm256_setzero_si256());
+                let sub = _mm256_and_si256(clear, four);
+                let xv = ld256(xb.add(4 + 128 * h + 32 * p));
+                let prod = _mm256_sub_epi16(_mm256_maddubs_epi16(low, xv), _mm256_maddubs_epi16(sub, xv));
+                let s = scale_pair(sc[is] as i16, sc[is + 1] as i16);
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(prod, s));
             }
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);

@@ -49,6 +49,7 @@ pub(crate) fn dot_multi_fn(ty: GgmlType) -> Option<DotMultiFn> {
         GgmlType::Q5_1 => wrap!(GgmlType::Q5_1, q5_1_m),
         GgmlType::Q8_0 => wrap!(GgmlType::Q8_0, q8_0_m),
         GgmlType::Q4K => wrap!(GgmlType::Q4K, q4k_m),
+        GgmlType::Q5K => wrap!(GgmlType::Q5K, q5k_m),
         GgmlType::Q6K => wrap!(GgmlType::Q6K, q6k_m),
         _ => return None,
     })
@@ -201,6 +202,47 @@ unsafe fn q4k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: u
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
+    let mut acc = [_mm256_setzero_ps(); T];
+    let mut accm = [_mm256_setzero_ps(); T];
+    let m4 = _mm256_set1_epi8(0x0F);
+    for i in 0..nb {
+        let wb = w.add(i * 176);
+        let (dw, dminw) = (ld_f16(wb), ld_f16(wb.add(2)));
+        let (sc, mins) = k4_scales_mins(wb.add(4));
+        let mut q = [_mm256_setzero_si256(); 8];
+        let mut s = [_mm256_setzero_si256(); 8];
+        let one = _mm256_set1_epi8(1);
+        let mut qh = ld256(wb.add(16));
+        for c in 0..4 {
+            let v = ld256(wb.add(48 + 32 * c));
+            let hl = _mm256_slli_epi16(_mm256_and_si256(qh, one), 4);
+            let hh = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4);
+            qh = _mm256_srli_epi16(qh, 2);
+            q[2 * c] = _mm256_or_si256(_mm256_and_si256(v, m4), hl);
+            q[2 * c + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), hh);
+            s[2 * c] = _mm256_set1_epi16(sc[2 * c] as i16);
+            s[2 * c + 1] = _mm256_set1_epi16(sc[2 * c + 1] as i16);
+        }
+        for t in 0..T {
+            let xb = x.add(t * stride + i * 292);
+            let xd = (xb as *const f32).read_unaligned();
+            let pm = _mm256_mullo_epi32(mins, q8k_pair_sums(xb));
+            accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(xd * dminw), _mm256_cvtepi32_ps(pm), accm[t]);
+            let mut sumi = _mm256_setzero_si256();
+            for j in 0..8 {
+                let p = _mm256_maddubs_epi16(q[j], ld256(xb.add(4 + 32 * j)));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s[j]));
+            }
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xd * dw), _mm256_cvtepi32_ps(sumi), acc[t]);
+        }
+    }
+    for t in 0..T {
+        out[t] = hsum_ps(acc[t]) - hsum_ps(accm[t]);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
     let mut acc = [_mm256_setzero_ps(); T];
     let m4 = _mm256_set1_epi8(0x0F);
@@ -237,7 +279,7 @@ unsafe fn q6k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: u
                 );
             }
         }
-        for t in 0..T {
+        for (t, acc_t) in acc.iter_mut().enumerate() {
             let xb = x.add(t * stride + i * 292);
             let xd = (xb as *const f32).read_unaligned();
             let corr = _mm256_madd_epi16(sc16, ld256(xb.add(260)));
@@ -246,7 +288,7 @@ unsafe fn q6k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: u
                 let p = _mm256_maddubs_epi16(q[j], ld256(xb.add(4 + 32 * j)));
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s[j]));
             }
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xd * dw), _mm256_cvtepi32_ps(sumi), acc[t]);
+            *acc_t = _mm256_fmadd_ps(_mm256_set1_ps(xd * dw), _mm256_cvtepi32_ps(sumi), *acc_t);
         }
     }
     for t in 0..T {

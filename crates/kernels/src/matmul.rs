@@ -153,16 +153,13 @@ impl QMatrix {
         let n_chunks = (4 * threads).min(rows);
         let chunk = rows.div_ceil(n_chunks);
         let n_chunks = rows.div_ceil(chunk);
-        rayon::scope(|s| {
-            for c in 1..n_chunks {
-                let r0 = c * chunk;
-                let r1 = (r0 + chunk).min(rows);
-                // SAFETY: chunks cover disjoint row ranges, so writes never overlap; `y`
-                // outlives the scope.
-                s.spawn(move |_| unsafe { self.rows_into(r0, r1, xq, xrb, n_tokens, out) });
-            }
-            // SAFETY: as above; chunk 0 runs on the calling thread.
-            unsafe { self.rows_into(0, chunk.min(rows), xq, xrb, n_tokens, out) };
+        use rayon::prelude::*;
+        (0..n_chunks).into_par_iter().with_max_len(1).for_each(|c| {
+            let r0 = c * chunk;
+            let r1 = (r0 + chunk).min(rows);
+            // SAFETY: chunks cover disjoint row ranges, so writes never overlap; `y` outlives
+            // the parallel loop.
+            unsafe { self.rows_into(r0, r1, xq, xrb, n_tokens, out) };
         });
     }
 

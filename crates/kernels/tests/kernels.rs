@@ -380,7 +380,7 @@ fn matmul_matches_vec_dot() {
         (GgmlType::Q5_0, 64, 1024),
         (GgmlType::Q4K, 129, 512),
         (GgmlType::Q6K, 70, 768),
-        (GgmlType::Q5K, 33, 256),
+        (GgmlType::Q5K, 33, 512),
         (GgmlType::Q2K, 33, 256),
         (GgmlType::Q3K, 33, 256),
         (GgmlType::F16, 50, 96),
