@@ -19,9 +19,14 @@ pub(crate) type DotMultiFn = fn(usize, &[u8], &[u8], usize, &mut [f32]);
 
 static SIMD: OnceLock<bool> = OnceLock::new();
 
-/// Whether the AVX2 (+FMA, F16C) kernels are used on this machine.
+/// Whether the AVX2 (+FMA, F16C) kernels are used on this machine. Decided once per process;
+/// setting the environment variable `SPECSWARM_KERNELS_NO_SIMD` (to anything) forces the
+/// portable scalar kernels everywhere.
 pub fn simd_available() -> bool {
     *SIMD.get_or_init(|| {
+        if std::env::var_os("SPECSWARM_KERNELS_NO_SIMD").is_some() {
+            return false;
+        }
         #[cfg(target_arch = "x86_64")]
         {
             std::arch::is_x86_feature_detected!("avx2")
