@@ -183,3 +183,34 @@ fn gemma3_split_truncate_tree() {
     check_truncate(&path);
     check_tree(&path, 5);
 }
+
+/// Batch invariance: the logits of a row do not depend on how many rows share the forward (or
+/// on the thread count), bit for bit. Speculative verification of k tokens relies on this to
+/// reproduce plain decoding exactly.
+fn check_batch_invariance(path: &Path) {
+    let one = ModelSlice::load(path, &LoadOptions { layers: None, threads: 1 }).unwrap();
+    let two = load(path, None);
+    let vocab = one.config().vocab_size;
+    let ids = prompt(vocab, 19, 21);
+    let pos: Vec<u32> = (0..ids.len() as u32).collect();
+    let mut kv = two.new_cache(64);
+    let batched = two.forward(&mut kv, &causal(StepInput::Tokens(&ids), &pos), Want::AllLogits).unwrap().into_data();
+    let mut kv = one.new_cache(64);
+    for (i, &t) in ids.iter().enumerate() {
+        let row = one.forward(&mut kv, &causal(StepInput::Tokens(&[t]), &pos[i..=i]), Want::LastLogits).unwrap();
+        assert!(
+            row.data() == &batched[i * vocab..(i + 1) * vocab],
+            "{}: row {i} differs between batch and single-token runs",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn batch_invariance_real_and_tiny() {
+    check_batch_invariance(&real_model("smollm2-135m"));
+    check_batch_invariance(&real_model("gemma3-270m"));
+    for (i, arch) in ["llama", "qwen2", "qwen3", "gemma3"].into_iter().enumerate() {
+        check_batch_invariance(&Tiny::new(arch).write(300 + i as u64));
+    }
+}

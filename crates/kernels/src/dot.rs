@@ -1,160 +1,457 @@
-//! Dot products of one weight row with one quantized activation row: scalar reference versions,
-//! dispatched to the AVX2 versions in `simd.rs` when the CPU has them.
+//! Row dot products between a weight row and an activation row in the weight type's
+//! [`vec_dot_type`](GgmlType::vec_dot_type), plus small f32 helpers.
+//!
+//! Every kernel has a portable scalar version (the reference) and, on x86-64, an AVX2+FMA+F16C
+//! version chosen at run time. The choice is cached in a once-initialised static.
 
+use crate::blocks::{k4_scale_min, q3k_scales, rd_f16, rd_f32};
+use crate::types::{GgmlType, QK_K};
 use half::{bf16, f16};
+use std::sync::OnceLock;
 
-use crate::blocks::{f16_at, scale_min_k4};
-use crate::types::{GgmlType, QK, QK_K};
+/// A row kernel: `(n elements, weight row bytes, activation row bytes) -> dot`.
+/// Kernels check that both slices are long enough before touching memory.
+pub(crate) type DotFn = fn(usize, &[u8], &[u8]) -> f32;
 
-/// Dot product of a row of `n` weights of type `ty` with an activation row already quantized to
-/// `ty.vec_dot_type()`.
-#[inline]
-pub fn vec_dot(ty: GgmlType, n: usize, w: &[u8], x: &[u8]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if crate::simd::has_avx2() {
-        // SAFETY: AVX2 and FMA were detected at run time.
-        if let Some(v) = unsafe { crate::simd::vec_dot_avx2(ty, n, w, x) } {
-            return v;
+/// A multi-token row kernel: `(n, weight row, activation rows, activation row stride in
+/// bytes, out)` computes `out[t] = dot(w, x[t * stride..])` for `t < out.len()` (1..=4).
+pub(crate) type DotMultiFn = fn(usize, &[u8], &[u8], usize, &mut [f32]);
+
+static SIMD: OnceLock<bool> = OnceLock::new();
+
+/// Whether the AVX2 (+FMA, F16C) kernels are used on this machine. Decided once per process;
+/// setting the environment variable `SPECSWARM_KERNELS_NO_SIMD` (to anything) forces the
+/// portable scalar kernels everywhere.
+pub fn simd_available() -> bool {
+    *SIMD.get_or_init(|| {
+        if std::env::var_os("SPECSWARM_KERNELS_NO_SIMD").is_some() {
+            return false;
         }
-    }
-    vec_dot_scalar(ty, n, w, x)
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
 }
 
-/// The portable reference version of [`vec_dot`].
-pub fn vec_dot_scalar(ty: GgmlType, n: usize, w: &[u8], x: &[u8]) -> f32 {
-    let bb = ty.block_bytes();
-    let xb = ty.vec_dot_type().block_bytes();
+/// The fastest available kernel for weight type `ty`.
+pub(crate) fn dot_fn(ty: GgmlType) -> DotFn {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available()
+        && let Some(f) = crate::avx2::dot_fn(ty)
+    {
+        return f;
+    }
+    scalar_dot_fn(ty)
+}
+
+/// A multi-token kernel for `ty`, if one beats repeated single-row calls.
+pub(crate) fn dot_multi_fn(ty: GgmlType) -> Option<DotMultiFn> {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        return crate::avx2_multi::dot_multi_fn(ty);
+    }
+    let _ = ty;
+    None
+}
+
+pub(crate) fn scalar_dot_fn(ty: GgmlType) -> DotFn {
     match ty {
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
-            let xs = x.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
-            match ty {
-                GgmlType::F32 => w
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .zip(xs)
-                    .map(|(a, b)| a * b)
-                    .sum(),
-                GgmlType::F16 => w
-                    .chunks_exact(2)
-                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .zip(xs)
-                    .map(|(a, b)| a * b)
-                    .sum(),
-                _ => w
-                    .chunks_exact(2)
-                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .zip(xs)
-                    .map(|(a, b)| a * b)
-                    .sum(),
+        GgmlType::F32 => dot_f32_f32,
+        GgmlType::F16 => dot_f16_f32,
+        GgmlType::BF16 => dot_bf16_f32,
+        GgmlType::Q4_0 => dot_q4_0,
+        GgmlType::Q4_1 => dot_q4_1,
+        GgmlType::Q5_0 => dot_q5_0,
+        GgmlType::Q5_1 => dot_q5_1,
+        GgmlType::Q8_0 => dot_q8_0,
+        GgmlType::Q8_1 => dot_q8_1,
+        GgmlType::Q2K => dot_q2k,
+        GgmlType::Q3K => dot_q3k,
+        GgmlType::Q4K => dot_q4k,
+        GgmlType::Q5K => dot_q5k,
+        GgmlType::Q6K => dot_q6k,
+        GgmlType::Q8K => dot_q8k,
+    }
+}
+
+/// Panics unless `n` is a whole number of blocks and both rows are long enough.
+#[inline]
+pub(crate) fn check_row(ty: GgmlType, n: usize, w: &[u8], x: &[u8]) -> usize {
+    let be = ty.block_elems();
+    assert!(n.is_multiple_of(be), "vec_dot: {n} elements is not a multiple of {be} for {ty}");
+    let wb = n / be * ty.block_bytes();
+    let xt = ty.vec_dot_type();
+    let xb = n / xt.block_elems() * xt.block_bytes();
+    assert!(w.len() >= wb && x.len() >= xb, "vec_dot: row too short for {n} elements of {ty}");
+    n / be
+}
+
+/// Dot product of one weight row (type `ty`, `n` elements) with one activation row already
+/// quantized to `ty.vec_dot_type()`. Uses SIMD when available.
+///
+/// # Panics
+/// If `n` is not a multiple of `ty.block_elems()` or either row is shorter than `n` elements.
+pub fn vec_dot(ty: GgmlType, n: usize, w_row: &[u8], x_row: &[u8]) -> f32 {
+    dot_fn(ty)(n, w_row, x_row)
+}
+
+/// [`vec_dot`] forced onto the portable scalar reference kernels.
+pub fn vec_dot_scalar(ty: GgmlType, n: usize, w_row: &[u8], x_row: &[u8]) -> f32 {
+    scalar_dot_fn(ty)(n, w_row, x_row)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar kernels
+// ---------------------------------------------------------------------------------------------
+
+fn f32s(x: &[u8], n: usize) -> impl Iterator<Item = f32> + '_ {
+    x[..n * 4].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+}
+
+fn dot_f32_f32(n: usize, w: &[u8], x: &[u8]) -> f32 {
+    check_row(GgmlType::F32, n, w, x);
+    f32s(w, n).zip(f32s(x, n)).map(|(a, b)| a * b).sum()
+}
+
+fn dot_f16_f32(n: usize, w: &[u8], x: &[u8]) -> f32 {
+    check_row(GgmlType::F16, n, w, x);
+    w[..2 * n]
+        .chunks_exact(2)
+        .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+        .zip(f32s(x, n))
+        .map(|(a, b)| a * b)
+        .sum()
+}
+
+fn dot_bf16_f32(n: usize, w: &[u8], x: &[u8]) -> f32 {
+    check_row(GgmlType::BF16, n, w, x);
+    w[..2 * n]
+        .chunks_exact(2)
+        .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+        .zip(f32s(x, n))
+        .map(|(a, b)| a * b)
+        .sum()
+}
+
+#[inline(always)]
+fn i8s(b: &[u8]) -> impl Iterator<Item = i32> + '_ {
+    b.iter().map(|&v| v as i8 as i32)
+}
+
+fn dot_q4_0(n: usize, w: &[u8], x: &[u8]) -> f32 {
+    let nb = check_row(GgmlType::Q4_0, n, w, x);
+    let mut acc = 0.0f32;
+    for i in 0..nb {
+        let (wb, xb) = (&w[i * 18..i * 18 + 18], &x[i * 34..i * 34 + 34]);
+        let qx = &xb[2..34];
+        let mut s = 0i32;
+        for j in 0..16 {
+            s += ((wb[2 + j] & 0x0F) as i32 - 8) * qx[j] as i8 as i32;
+            s += ((wb[2 + j] >> 4) as i32 - 8) * qx[j + 16] as i8 as i32;
+        }
+        acc += rd_f16(wb, 0) * rd_f16(xb, 0) * s as f32;
+    }
+    acc
+}
+
+fn dot_q4_1(n: usize, w: &[u8], x: &[u8]) -> f32 {
+    let nb = check_row(GgmlType::Q4_1, n, w, x);
+    let mut acc = 0.0f32;
+    for i in 0..nb {
+        let (wb, xb) = (&w[i * 20..i * 20 + 20], &x[i * 36..i * 36 + 36]);
+        let qx = &xb[4..36];
+        let mut s = 0i32;
+        for j in 0..16 {
+            s += (wb[4 + j] & 0x0F) as i32 * qx[j] as i8 as i32;
+            s += (wb[4 + j] >> 4) as i32 * qx[j + 16] as i8 as i32;
+        }
+        acc += rd_f16(wb, 0) * rd_f16(xb, 0) * s as f32 + rd_f16(wb, 2) * rd_f16(xb, 2);
+    }
+    acc
+}
+
+fn dot_q5_0(n: usize, w: &[u8], x: &[u8]) -> f32 {
+    let nb = check_row(GgmlType::Q5_0, n, w, x);
+    let mut acc = 0.0f32;
+    for i in 0..nb {
+        let (wb, xb) = (&w[i * 22..i * 22 + 22], &x[i * 34..i * 34 + 34]);
+        let qh = crate::blocks::rd_u32(wb, 2);
+        let qx = &xb[2..34];
+        let mut s = 0i32;
+        for j in 0..16 {
+            let h0 = (((qh >> j) & 1) << 4) as i32;
+            let h1 = (((qh >> (j + 16)) & 1) << 4) as i32;
+            s += (((wb[6 + j] & 0x0F) as i32 | h0) - 16) * qx[j] as i8 as i32;
+            s += (((wb[6 + j] >> 4) as i32 | h1) - 16) * qx[j + 16] as i8 as i32;
+        }
+        acc += rd_f16(wb, 0) * rd_f16(xb, 0) * s as f32;
+    }
+    acc
+}
+
+fn dot_q5_1(n: usize, w: &[u8], x: &[u8]) -> f32 {
+    let nb = check_row(GgmlType::Q5_1, n, w, x);
+    let mut acc = 0.0f32;
+    for i in 0..nb {
+        let (wb, xb) = (&w[i * 24..i * 24 + 24], &x[i * 36..i * 36 + 36]);
+        let qh = crate::blocks::rd_u32(wb, 4);
+        let qx = &xb[4..36];
+        let mut s = 0i32;
+        for j in 0..16 {
+            let h0 = (((qh >> j) & 1) << 4) as i32;
+            let h1 = (((qh >> (j + 16)) & 1) << 4) as i32;
+            s += ((wb[8 + j] & 0x0F) as i32 | h0) * qx[j] as i8 as i32;
+            s += ((wb[8 + j] >> 4) as i32 | h1) * qx[j + 16] as i8 as i32;
+        }
+        acc += rd_f16(wb, 0) * rd_f16(xb, 0) * s as f32 + rd_f16(wb, 2) * rd_f16(xb, 2);
+    }
+    acc
+}
+
+fn dot_q8_0(n: usize, w: &[u8], x: &[u8]) -> f32 {
+    let nb = check_row(GgmlType::Q8_0, n, w, x);
+    let mut acc = 0.0f32;
+    for i in 0..nb {
+        let (wb, xb) = (&w[i * 34..i * 34 + 34], &x[i * 34..i * 34 + 34]);
+        let s: i32 = i8s(&wb[2..34]).zip(i8s(&xb[2..34])).map(|(a, b)| a * b).sum();
+        acc += rd_f16(wb, 0) * rd_f16(xb, 0) * s as f32;
+    }
+    acc
+}
+
+fn dot_q8_1(n: usize, w: &[u8], x: &[u8]) -> f32 {
+    let nb = check_row(GgmlType::Q8_1, n, w, x);
+    let mut acc = 0.0f32;
+    for i in 0..nb {
+        let (wb, xb) = (&w[i * 36..i * 36 + 36], &x[i * 36..i * 36 + 36]);
+        let s: i32 = i8s(&wb[4..36]).zip(i8s(&xb[4..36])).map(|(a, b)| a * b).sum();
+        acc += rd_f16(wb, 0) * rd_f16(xb, 0) * s as f32;
+    }
+    acc
+}
+
+/// Q8_K block pieces: (d, qs, bsums).
+#[inline(always)]
+pub(crate) fn q8k_parts(xb: &[u8]) -> (f32, &[u8], [i32; 16]) {
+    let mut bs = [0i32; 16];
+    for (g, b) in bs.iter_mut().enumerate() {
+        *b = i16::from_le_bytes([xb[260 + 2 * g], xb[261 + 2 * g]]) as i32;
+    }
+    (rd_f32(xb, 0), &xb[4..4 + QK_K], bs)
+}
+
+fn dot_q8k(n: usize, w: &[u8], x: &[u8]) -> f32 {
+    let nb = check_row(GgmlType::Q8K, n, w, x);
+    let mut acc = 0.0f32;
+    for i in 0..nb {
+        let (wb, xb) = (&w[i * 292..i * 292 + 292], &x[i * 292..i * 292 + 292]);
+        let s: i32 = i8s(&wb[4..260]).zip(i8s(&xb[4..260])).map(|(a, b)| a * b).sum();
+        acc += rd_f32(wb, 0) * rd_f32(xb, 0) * s as f32;
+    }
+    acc
+}
+
+fn dot_q2k(n: usize, w: &[u8], x: &[u8]) -> f32 {
+    let nb = check_row(GgmlType::Q2K, n, w, x);
+    let mut acc = 0.0f32;
+    for i in 0..nb {
+        let (wb, xb) = (&w[i * 84..i * 84 + 84], &x[i * 292..i * 292 + 292]);
+        let (xd, qx, bsums) = q8k_parts(xb);
+        let scales = &wb[0..16];
+        let qs = &wb[16..80];
+        let mut summ = 0i32;
+        for g in 0..16 {
+            summ += (scales[g] >> 4) as i32 * bsums[g];
+        }
+        let mut isum = 0i32;
+        for half in 0..2 {
+            let q = &qs[half * 32..half * 32 + 32];
+            for plane in 0..4 {
+                for sub in 0..2 {
+                    let is = half * 8 + plane * 2 + sub;
+                    let base = half * 128 + plane * 32 + sub * 16;
+                    let mut s = 0i32;
+                    for l in 0..16 {
+                        s += ((q[sub * 16 + l] >> (2 * plane)) & 3) as i32 * qx[base + l] as i8 as i32;
+                    }
+                    isum += (scales[is] & 0x0F) as i32 * s;
+                }
             }
         }
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
-            let mut sum = 0f32;
-            for (wb, xb) in w.chunks_exact(bb).zip(x.chunks_exact(xb)).take(n / QK) {
-                let dx = f16_at(xb, 0);
-                let xq = |j: usize| i32::from(xb[if ty.vec_dot_type() == GgmlType::Q8_1 { 4 } else { 2 } + j] as i8);
-                let dw = f16_at(wb, 0);
-                let mut isum = 0i32;
-                match ty {
-                    GgmlType::Q4_0 | GgmlType::Q4_1 => {
-                        let qs = if ty == GgmlType::Q4_1 { &wb[4..20] } else { &wb[2..18] };
-                        let off = if ty == GgmlType::Q4_0 { 8 } else { 0 };
-                        for j in 0..16 {
-                            isum += (i32::from(qs[j] & 0xF) - off) * xq(j) + (i32::from(qs[j] >> 4) - off) * xq(j + 16);
-                        }
+        acc += xd * rd_f16(wb, 80) * isum as f32 - xd * rd_f16(wb, 82) * summ as f32;
+    }
+    acc
+}
+
+fn dot_q3k(n: usize, w: &[u8], x: &[u8]) -> f32 {
+    let nb = check_row(GgmlType::Q3K, n, w, x);
+    let mut acc = 0.0f32;
+    for i in 0..nb {
+        let (wb, xb) = (&w[i * 110..i * 110 + 110], &x[i * 292..i * 292 + 292]);
+        let (xd, qx, _) = q8k_parts(xb);
+        let hmask = &wb[0..32];
+        let qs = &wb[32..96];
+        let sc = q3k_scales(&wb[96..108]);
+        let mut isum = 0i32;
+        for half in 0..2 {
+            let q = &qs[half * 32..half * 32 + 32];
+            for plane in 0..4 {
+                let hbit = 1u8 << (half * 4 + plane);
+                for sub in 0..2 {
+                    let is = half * 8 + plane * 2 + sub;
+                    let base = half * 128 + plane * 32 + sub * 16;
+                    let mut s = 0i32;
+                    for l in 0..16 {
+                        let k = sub * 16 + l;
+                        let v = ((q[k] >> (2 * plane)) & 3) as i32 - if hmask[k] & hbit != 0 { 0 } else { 4 };
+                        s += v * qx[base + l] as i8 as i32;
                     }
-                    GgmlType::Q5_0 | GgmlType::Q5_1 => {
-                        let o = if ty == GgmlType::Q5_1 { 4 } else { 2 };
-                        let off = if ty == GgmlType::Q5_0 { 16 } else { 0 };
-                        let qh = u32::from_le_bytes([wb[o], wb[o + 1], wb[o + 2], wb[o + 3]]);
-                        let qs = &wb[o + 4..o + 20];
-                        for j in 0..16 {
-                            let lo = i32::from(qs[j] & 0xF) | (((qh >> j) & 1) as i32) << 4;
-                            let hi = i32::from(qs[j] >> 4) | (((qh >> (j + 16)) & 1) as i32) << 4;
-                            isum += (lo - off) * xq(j) + (hi - off) * xq(j + 16);
-                        }
-                    }
-                    _ => {
-                        for j in 0..QK {
-                            isum += i32::from(wb[2 + j] as i8) * xq(j);
-                        }
-                    }
-                }
-                sum += dw * dx * isum as f32;
-                if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
-                    sum += f16_at(wb, 2) * f16_at(xb, 2);
+                    isum += sc[is] as i32 * s;
                 }
             }
-            sum
         }
-        GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => {
-            let mut sum = 0f32;
-            let mut deq = [0f32; QK_K];
-            for (wb, xb) in w.chunks_exact(bb).zip(x.chunks_exact(xb)).take(n / QK_K) {
-                let dx = f32::from_le_bytes([xb[0], xb[1], xb[2], xb[3]]);
-                let xq = &xb[4..4 + QK_K];
-                match ty {
-                    GgmlType::Q4K | GgmlType::Q5K => {
-                        let (d, dmin) = (f16_at(wb, 0), f16_at(wb, 2));
-                        let scales = &wb[4..16];
-                        let bsums = |g: usize| i32::from(i16::from_le_bytes([xb[260 + 2 * g], xb[261 + 2 * g]]));
-                        let mut isum = 0i32;
-                        let mut msum = 0i32;
-                        for j in 0..8 {
-                            let (sc, m) = scale_min_k4(j, scales);
-                            let chunk = j / 2;
-                            let mut s = 0i32;
-                            for l in 0..32 {
-                                let q = if ty == GgmlType::Q4K {
-                                    let b = wb[16 + 32 * chunk + l];
-                                    if j % 2 == 0 { b & 0xF } else { b >> 4 }
-                                } else {
-                                    let b = wb[48 + 32 * chunk + l];
-                                    let lo = if j % 2 == 0 { b & 0xF } else { b >> 4 };
-                                    let h = (wb[16 + l] >> j) & 1;
-                                    lo | (h << 4)
-                                };
-                                s += i32::from(q) * i32::from(xq[32 * j + l] as i8);
-                            }
-                            isum += i32::from(sc) * s;
-                            msum += i32::from(m) * (bsums(2 * j) + bsums(2 * j + 1));
-                        }
-                        sum += dx * (d * isum as f32 - dmin * msum as f32);
-                    }
-                    GgmlType::Q6K => {
-                        let (ql, qh, sc) = (&wb[0..128], &wb[128..192], &wb[192..208]);
-                        let d = f16_at(wb, 208);
-                        let mut isum = 0i32;
-                        for n in 0..2 {
-                            let (ql, qh, sc, xq) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..], &xq[128 * n..]);
-                            let mut part = [0i32; 8];
-                            for l in 0..32 {
-                                let is = l / 16;
-                                let q1 = i32::from((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32;
-                                let q2 = i32::from((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
-                                let q3 = i32::from((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-                                let q4 = i32::from((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-                                part[is] += q1 * i32::from(xq[l] as i8);
-                                part[is + 2] += q2 * i32::from(xq[l + 32] as i8);
-                                part[is + 4] += q3 * i32::from(xq[l + 64] as i8);
-                                part[is + 6] += q4 * i32::from(xq[l + 96] as i8);
-                            }
-                            for (g, p) in part.iter().enumerate() {
-                                isum += i32::from(sc[g] as i8) * p;
-                            }
-                        }
-                        sum += d * dx * isum as f32;
-                    }
-                    _ => {
-                        // Q2_K / Q3_K: rare in practice; dequantize the block and dot in f32.
-                        crate::blocks::dequantize_row(ty, wb, &mut deq).expect("block length checked by caller");
-                        let isum: f32 = deq.iter().zip(xq).map(|(a, &b)| a * f32::from(b as i8)).sum();
-                        sum += dx * isum;
-                    }
-                }
+        acc += xd * rd_f16(wb, 108) * isum as f32;
+    }
+    acc
+}
+
+fn dot_q4k(n: usize, w: &[u8], x: &[u8]) -> f32 {
+    let nb = check_row(GgmlType::Q4K, n, w, x);
+    let mut acc = 0.0f32;
+    for i in 0..nb {
+        let (wb, xb) = (&w[i * 144..i * 144 + 144], &x[i * 292..i * 292 + 292]);
+        let (xd, qx, bsums) = q8k_parts(xb);
+        let scales = &wb[4..16];
+        let qs = &wb[16..144];
+        let (mut isum, mut summ) = (0i32, 0i32);
+        for chunk in 0..4 {
+            let (s1, m1) = k4_scale_min(2 * chunk, scales);
+            let (s2, m2) = k4_scale_min(2 * chunk + 1, scales);
+            let q = &qs[chunk * 32..chunk * 32 + 32];
+            let xq = &qx[chunk * 64..chunk * 64 + 64];
+            let (mut a, mut b) = (0i32, 0i32);
+            for l in 0..32 {
+                a += (q[l] & 0x0F) as i32 * xq[l] as i8 as i32;
+                b += (q[l] >> 4) as i32 * xq[l + 32] as i8 as i32;
             }
-            sum
+            isum += s1 as i32 * a + s2 as i32 * b;
+            summ += m1 as i32 * (bsums[4 * chunk] + bsums[4 * chunk + 1])
+                + m2 as i32 * (bsums[4 * chunk + 2] + bsums[4 * chunk + 3]);
         }
-        GgmlType::Q8_1 | GgmlType::Q8K => unreachable!("{ty} is an activation format, not a weight format"),
+        acc += xd * rd_f16(wb, 0) * isum as f32 - xd * rd_f16(wb, 2) * summ as f32;
+    }
+    acc
+}
+
+fn dot_q5k(n: usize, w: &[u8], x: &[u8]) -> f32 {
+    let nb = check_row(GgmlType::Q5K, n, w, x);
+    let mut acc = 0.0f32;
+    for i in 0..nb {
+        let (wb, xb) = (&w[i * 176..i * 176 + 176], &x[i * 292..i * 292 + 292]);
+        let (xd, qx, bsums) = q8k_parts(xb);
+        let scales = &wb[4..16];
+        let qh = &wb[16..48];
+        let qs = &wb[48..176];
+        let (mut isum, mut summ) = (0i32, 0i32);
+        for chunk in 0..4 {
+            let (s1, m1) = k4_scale_min(2 * chunk, scales);
+            let (s2, m2) = k4_scale_min(2 * chunk + 1, scales);
+            let q = &qs[chunk * 32..chunk * 32 + 32];
+            let xq = &qx[chunk * 64..chunk * 64 + 64];
+            let (mut a, mut b) = (0i32, 0i32);
+            for l in 0..32 {
+                let h1 = (((qh[l] >> (2 * chunk)) & 1) << 4) as i32;
+                let h2 = (((qh[l] >> (2 * chunk + 1)) & 1) << 4) as i32;
+                a += ((q[l] & 0x0F) as i32 | h1) * xq[l] as i8 as i32;
+                b += ((q[l] >> 4) as i32 | h2) * xq[l + 32] as i8 as i32;
+            }
+            isum += s1 as i32 * a + s2 as i32 * b;
+            summ += m1 as i32 * (bsums[4 * chunk] + bsums[4 * chunk + 1])
+                + m2 as i32 * (bsums[4 * chunk + 2] + bsums[4 * chunk + 3]);
+        }
+        acc += xd * rd_f16(wb, 0) * isum as f32 - xd * rd_f16(wb, 2) * summ as f32;
+    }
+    acc
+}
+
+fn dot_q6k(n: usize, w: &[u8], x: &[u8]) -> f32 {
+    let nb = check_row(GgmlType::Q6K, n, w, x);
+    let mut acc = 0.0f32;
+    for i in 0..nb {
+        let (wb, xb) = (&w[i * 210..i * 210 + 210], &x[i * 292..i * 292 + 292]);
+        let (xd, qx, _) = q8k_parts(xb);
+        let mut isum = 0i32;
+        for half in 0..2 {
+            let ql = &wb[half * 64..half * 64 + 64];
+            let qh = &wb[128 + half * 32..128 + half * 32 + 32];
+            let sc = &wb[192 + half * 8..192 + half * 8 + 8];
+            let xq = &qx[half * 128..half * 128 + 128];
+            let mut s = [0i32; 8];
+            for l in 0..32 {
+                let is = l / 16;
+                let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i32 - 32;
+                let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                s[is] += q1 * xq[l] as i8 as i32;
+                s[is + 2] += q2 * xq[l + 32] as i8 as i32;
+                s[is + 4] += q3 * xq[l + 64] as i8 as i32;
+                s[is + 6] += q4 * xq[l + 96] as i8 as i32;
+            }
+            for k in 0..8 {
+                isum += sc[k] as i8 as i32 * s[k];
+            }
+        }
+        acc += xd * rd_f16(wb, 208) * isum as f32;
+    }
+    acc
+}
+
+// ---------------------------------------------------------------------------------------------
+// f32 helpers
+// ---------------------------------------------------------------------------------------------
+
+/// `sum(a[i] * b[i])` over the common length (AVX2+FMA when available).
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: AVX2/FMA detected; both slices hold at least n elements.
+        return unsafe { crate::avx2::dot_f32_ptr(n, a.as_ptr(), b.as_ptr()) };
+    }
+    dot_f32_scalar(&a[..n], &b[..n])
+}
+
+/// Scalar reference for [`dot_f32`] (4 partial sums).
+pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
+    let mut s = [0.0f32; 4];
+    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..4 {
+            s[k] += x[k] * y[k];
+        }
+    }
+    (s[0] + s[1]) + (s[2] + s[3]) + tail
+}
+
+/// `y[i] += a * x[i]` over the common length (AVX2+FMA when available).
+pub fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: AVX2/FMA detected; both slices hold at least n elements.
+        unsafe { crate::avx2::axpy_f32_ptr(n, a, x.as_ptr(), y.as_mut_ptr()) };
+        return;
+    }
+    for (yi, xi) in y[..n].iter_mut().zip(&x[..n]) {
+        *yi += a * xi;
     }
 }

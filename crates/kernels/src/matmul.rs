@@ -1,51 +1,64 @@
-//! Quantized matrices and their multiplication with f32 activations.
+//! [`QMatrix`]: a row-major quantized weight matrix and its (parallel) matrix multiply.
 
-use rayon::prelude::*;
+use crate::blocks::{dequantize_row, quantize_act, quantize_row};
+use crate::dot::{dot_fn, dot_multi_fn};
+use crate::types::{GgmlType, KernelError};
+use std::cell::RefCell;
 
-use crate::KernelError;
-use crate::blocks::{dequantize_row, quantize_row};
-use crate::dot::vec_dot;
-use crate::types::GgmlType;
-
-/// A row-major quantized matrix: `rows` rows of `cols` values, each row `ty.row_bytes(cols)` bytes
-/// in the GGUF block layout.
+/// A row-major quantized matrix: `rows` rows of `cols` elements, each row
+/// `ty.row_bytes(cols)` bytes.
 #[derive(Clone, Debug)]
 pub struct QMatrix {
     ty: GgmlType,
     rows: usize,
     cols: usize,
-    row_bytes: usize,
     data: Vec<u8>,
 }
 
-/// Weight rows per parallel task: big enough to amortise scheduling, small enough to balance.
-const ROWS_PER_TASK_MIN: usize = 16;
+/// Work (multiply-accumulates) below which a matmul never goes to the thread pool.
+const MIN_PARALLEL_WORK: usize = 1 << 16;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A raw output pointer shared by the row-chunk workers; each writes disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: workers write disjoint indices only (see `QMatrix::rows_into`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
 
 impl QMatrix {
+    /// Wrap raw row-major data; `data.len()` must be `rows * ty.row_bytes(cols)`.
     pub fn new(ty: GgmlType, rows: usize, cols: usize, data: Vec<u8>) -> Result<QMatrix, KernelError> {
-        if matches!(ty, GgmlType::Q8_1 | GgmlType::Q8K) {
-            return Err(KernelError::Unsupported { ty, op: "weight matrix" });
-        }
-        let row_bytes = ty.row_bytes(cols).ok_or(KernelError::BadLength { expected: ty.block_elems(), got: cols })?;
-        let expected =
-            row_bytes.checked_mul(rows).ok_or(KernelError::BadLength { expected: usize::MAX, got: data.len() })?;
+        let be = ty.block_elems();
+        let rb = ty.row_bytes(cols).ok_or(KernelError::BadLength { expected: cols.div_ceil(be) * be, got: cols })?;
+        let expected = rb.checked_mul(rows).ok_or(KernelError::BadLength { expected: usize::MAX, got: data.len() })?;
         if data.len() != expected {
             return Err(KernelError::BadLength { expected, got: data.len() });
         }
-        Ok(QMatrix { ty, rows, cols, row_bytes, data })
+        Ok(QMatrix { ty, rows, cols, data })
     }
 
-    /// Quantize a row-major f32 matrix.
+    /// Quantize `rows * cols` row-major values into a new matrix of type `ty`.
     pub fn from_f32(ty: GgmlType, rows: usize, cols: usize, values: &[f32]) -> Result<QMatrix, KernelError> {
-        if values.len() != rows * cols {
-            return Err(KernelError::BadLength { expected: rows * cols, got: values.len() });
+        let n = rows.checked_mul(cols).ok_or(KernelError::BadLength { expected: usize::MAX, got: values.len() })?;
+        if values.len() != n {
+            return Err(KernelError::BadLength { expected: n, got: values.len() });
         }
-        let row_bytes = ty.row_bytes(cols).ok_or(KernelError::BadLength { expected: ty.block_elems(), got: cols })?;
-        let mut data = vec![0u8; row_bytes * rows];
-        for (dst, src) in data.chunks_exact_mut(row_bytes).zip(values.chunks_exact(cols)) {
-            quantize_row(ty, src, dst)?;
+        if !ty.can_quantize() {
+            return Err(KernelError::Unsupported { ty, op: "quantize_row" });
         }
-        QMatrix::new(ty, rows, cols, data)
+        let be = ty.block_elems();
+        let rb = ty.row_bytes(cols).ok_or(KernelError::BadLength { expected: cols.div_ceil(be) * be, got: cols })?;
+        let mut data = vec![0u8; rb * rows];
+        if rb > 0 {
+            for (src, dst) in values.chunks_exact(cols).zip(data.chunks_exact_mut(rb)) {
+                quantize_row(ty, src, dst)?;
+            }
+        }
+        Ok(QMatrix { ty, rows, cols, data })
     }
 
     pub fn ty(&self) -> GgmlType {
@@ -60,87 +73,141 @@ impl QMatrix {
     pub fn data(&self) -> &[u8] {
         &self.data
     }
-
-    fn row(&self, r: usize) -> &[u8] {
-        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        self.data.len().checked_div(self.rows).unwrap_or(0)
+    }
+    /// The raw bytes of row `r`.
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
     }
 
-    /// Dequantize row `r` into `dst` (`cols` values): embedding lookups.
+    /// Dequantize row `r` into `dst` (`dst.len() == cols`); for embedding lookups.
+    ///
+    /// # Panics
+    /// If `r >= rows` or `dst.len() != cols`.
     pub fn dequantize_row(&self, r: usize, dst: &mut [f32]) {
-        dequantize_row(self.ty, self.row(r), dst).expect("row length is checked at construction");
+        assert!(r < self.rows, "row {r} out of range ({} rows)", self.rows);
+        assert_eq!(dst.len(), self.cols, "dequantize_row: dst length");
+        dequantize_row(self.ty, self.row(r), dst).expect("lengths checked at construction");
     }
 
-    /// `y[t*rows + r] = Σ_c W[r,c] · x[t*cols + c]` for `t < n_tokens`.
+    /// `y[t*rows + r] = sum_c W[r,c] * x[t*cols + c]` for `t in 0..n_tokens`.
+    ///
+    /// Uses a per-thread scratch buffer for the quantized activations, so repeated calls do not
+    /// allocate. See [`QMatrix::matmul_with_scratch`].
     pub fn matmul(&self, x: &[f32], n_tokens: usize, y: &mut [f32]) {
-        matmul_many(x, n_tokens, &mut [(self, y)]);
+        SCRATCH.with(|s| match s.try_borrow_mut() {
+            Ok(mut s) => self.matmul_with_scratch(x, n_tokens, y, &mut s),
+            // Re-entrant use on this thread (should not happen): fall back to a fresh buffer.
+            Err(_) => self.matmul_with_scratch(x, n_tokens, y, &mut Vec::new()),
+        })
     }
-}
 
-/// Several matrices applied to the same input in one parallel region: `jobs[i].1 = jobs[i].0 · x`.
-///
-/// The input rows are quantized once per companion format; the weight rows of all matrices are
-/// split into tasks over the current rayon pool, and each task multiplies its rows with every
-/// token, so each weight row is read from memory once per call. With one thread no rayon call is
-/// made at all.
-pub fn matmul_many(x: &[f32], n_tokens: usize, jobs: &mut [(&QMatrix, &mut [f32])]) {
-    let Some(cols) = jobs.first().map(|j| j.0.cols) else { return };
-    assert_eq!(x.len(), n_tokens * cols, "matmul input length");
-    // Quantize the input once for each distinct companion format.
-    let mut quantized: Vec<(GgmlType, usize, Vec<u8>)> = Vec::with_capacity(2);
-    for (m, y) in jobs.iter() {
-        assert_eq!(m.cols, cols, "matmul_many needs matrices with the same input width");
-        assert_eq!(y.len(), n_tokens * m.rows, "matmul output length");
-        let act = m.ty.vec_dot_type();
-        if quantized.iter().all(|q| q.0 != act) {
-            let xb = act.row_bytes(cols).expect("activation row is whole blocks when the weight row is");
-            let mut buf = vec![0u8; xb * n_tokens];
-            for (dst, src) in buf.chunks_exact_mut(xb).zip(x.chunks_exact(cols)) {
-                quantize_row(act, src, dst).expect("activation format is quantizable");
-            }
-            quantized.push((act, xb, buf));
+    /// Like [`QMatrix::matmul`], with a caller-provided scratch for the quantized activations.
+    ///
+    /// `x` holds `n_tokens` rows of `cols` values, `y` receives `n_tokens` rows of `rows`
+    /// values. Activations are quantized once to `ty.vec_dot_type()`; weight rows are split
+    /// into about `4 x threads` chunks over the *current* rayon pool (inline when that pool
+    /// has one thread or the product is small). Within a chunk, rows are processed in tiles
+    /// against tiles of tokens, so each weight row is streamed from memory once.
+    ///
+    /// # Panics
+    /// If `x.len() < n_tokens * cols` or `y.len() < n_tokens * rows`.
+    pub fn matmul_with_scratch(&self, x: &[f32], n_tokens: usize, y: &mut [f32], scratch: &mut Vec<u8>) {
+        let (rows, cols) = (self.rows, self.cols);
+        assert!(x.len() >= n_tokens * cols, "matmul: x has {} values, need {}", x.len(), n_tokens * cols);
+        assert!(y.len() >= n_tokens * rows, "matmul: y has {} values, need {}", y.len(), n_tokens * rows);
+        if n_tokens == 0 || rows == 0 {
+            return;
         }
+        if cols == 0 {
+            y[..n_tokens * rows].fill(0.0);
+            return;
+        }
+        let vt = self.ty.vec_dot_type();
+        let xrb = vt.row_bytes(cols).expect("cols is a whole number of blocks");
+        scratch.clear();
+        scratch.resize(n_tokens * xrb, 0);
+        for (src, dst) in x[..n_tokens * cols].chunks_exact(cols).zip(scratch.chunks_exact_mut(xrb)) {
+            quantize_act(vt, src, dst).expect("activation quantization");
+        }
+        let xq: &[u8] = scratch;
+        let out = OutPtr(y.as_mut_ptr());
+        let threads = rayon::current_num_threads();
+        let work = rows.saturating_mul(cols).saturating_mul(n_tokens);
+        if threads <= 1 || work < MIN_PARALLEL_WORK || rows < 2 {
+            // SAFETY: y holds n_tokens*rows values (asserted above); single writer.
+            unsafe { self.rows_into(0, rows, xq, xrb, n_tokens, out) };
+            return;
+        }
+        let n_chunks = (4 * threads).min(rows);
+        let chunk = rows.div_ceil(n_chunks);
+        let n_chunks = rows.div_ceil(chunk);
+        use rayon::prelude::*;
+        (0..n_chunks).into_par_iter().with_max_len(1).for_each(|c| {
+            let r0 = c * chunk;
+            let r1 = (r0 + chunk).min(rows);
+            // SAFETY: chunks cover disjoint row ranges, so writes never overlap; `y` outlives
+            // the parallel loop.
+            unsafe { self.rows_into(r0, r1, xq, xrb, n_tokens, out) };
+        });
     }
-    let threads = rayon::current_num_threads();
-    let total_rows: usize = jobs.iter().map(|j| j.0.rows).sum();
-    let per_task = (total_rows / (threads * 4)).max(ROWS_PER_TASK_MIN);
-    // Tasks: (matrix, first row, output rows laid out [row][token]).
-    let mut outputs: Vec<Vec<f32>> = Vec::new();
-    let mut tasks: Vec<(&QMatrix, usize, &mut [f32])> = Vec::new();
-    if n_tokens == 1 {
-        for (m, y) in jobs.iter_mut() {
-            for (c, chunk) in y.chunks_mut(per_task).enumerate() {
-                tasks.push((*m, c * per_task, chunk));
+
+    /// Compute `y[t*rows + r]` for `r in r0..r1`, all tokens.
+    ///
+    /// # Safety
+    /// `out` must point to at least `n_tokens * rows` f32s that no one else reads or writes at
+    /// the indices touched here while this runs.
+    unsafe fn rows_into(&self, r0: usize, r1: usize, xq: &[u8], xrb: usize, n_tokens: usize, out: OutPtr) {
+        let dot = dot_fn(self.ty);
+        let (rows, cols) = (self.rows, self.cols);
+        let wrb = self.row_bytes();
+        let multi = dot_multi_fn(self.ty);
+        // Batch invariance: a row's result must not depend on how many tokens share the call
+        // (speculative verification of k tokens must reproduce plain decoding bit for bit), so
+        // when a multi-token kernel exists it also serves single tokens: its per-token
+        // arithmetic is the same for every group width.
+        if n_tokens == 1 && multi.is_none() {
+            for r in r0..r1 {
+                let v = dot(cols, &self.data[r * wrb..(r + 1) * wrb], xq);
+                // SAFETY: r < rows; caller guarantees exclusive access to this index.
+                unsafe { *out.0.add(r) = v };
             }
+            return;
         }
-    } else {
-        outputs = jobs.iter().map(|j| vec![0f32; j.0.rows * n_tokens]).collect();
-        for ((m, _), out) in jobs.iter().zip(outputs.iter_mut()) {
-            for (c, chunk) in out.chunks_mut(per_task * n_tokens).enumerate() {
-                tasks.push((*m, c * per_task, chunk));
+        // Tiles: a group of token rows small enough to stay in L1 (~16 KiB, a multiple of the
+        // 4-token kernel width) against a block of weight rows that stays in L2 (~256 KiB):
+        // weights stream from memory once, then from L2 once per token group.
+        let tok_tile = ((16 * 1024 / xrb.max(1)) & !3).clamp(4, 64);
+        let row_tile = (256 * 1024 / wrb.max(1)).clamp(1, 1024);
+        let mut rt = r0;
+        while rt < r1 {
+            let rt_end = (rt + row_tile).min(r1);
+            let mut tt = 0;
+            while tt < n_tokens {
+                let tt_end = (tt + tok_tile).min(n_tokens);
+                for r in rt..rt_end {
+                    let wrow = &self.data[r * wrb..(r + 1) * wrb];
+                    let mut t = tt;
+                    while t < tt_end {
+                        let nt = if multi.is_some() { (tt_end - t).min(4) } else { 1 };
+                        let mut tmp = [0.0f32; 4];
+                        match multi {
+                            Some(mf) => mf(cols, wrow, &xq[t * xrb..tt_end * xrb], xrb, &mut tmp[..nt]),
+                            None => tmp[0] = dot(cols, wrow, &xq[t * xrb..(t + 1) * xrb]),
+                        }
+                        for (k, v) in tmp[..nt].iter().enumerate() {
+                            // SAFETY: t + k < n_tokens, r < rows; exclusive per caller contract.
+                            unsafe { *out.0.add((t + k) * rows + r) = *v };
+                        }
+                        t += nt;
+                    }
+                }
+                tt = tt_end;
             }
-        }
-    }
-    let run = |(m, first, out): &mut (&QMatrix, usize, &mut [f32])| {
-        let (_, xb, xq) = quantized.iter().find(|q| q.0 == m.ty.vec_dot_type()).expect("input quantized");
-        for (i, o) in out.chunks_exact_mut(n_tokens).enumerate() {
-            let w = m.row(*first + i);
-            for (t, v) in o.iter_mut().enumerate() {
-                *v = vec_dot(m.ty, m.cols, w, &xq[t * xb..(t + 1) * xb]);
-            }
-        }
-    };
-    if threads == 1 || tasks.len() == 1 {
-        tasks.iter_mut().for_each(run);
-    } else {
-        tasks.par_iter_mut().for_each(run);
-    }
-    drop(tasks);
-    // Several tokens: transpose [row][token] into [token][row].
-    for ((m, y), out) in jobs.iter_mut().zip(&outputs) {
-        for (r, row) in out.chunks_exact(n_tokens).enumerate() {
-            for (t, &v) in row.iter().enumerate() {
-                y[t * m.rows + r] = v;
-            }
+            rt = rt_end;
         }
     }
 }

@@ -1,8 +1,11 @@
-//! The tensor element types of the GGUF format.
+//! Tensor element types (GGUF / ggml type ids) and the crate error type.
 
-/// A GGUF tensor type. Quantized types store fixed-size blocks of `block_elems()` values.
+use std::fmt;
+
+/// The element / block formats a GGUF tensor can be stored in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
+#[allow(non_camel_case_types)]
 pub enum GgmlType {
     F32,
     F16,
@@ -21,13 +24,32 @@ pub enum GgmlType {
     BF16,
 }
 
-/// Elements per K-quant super-block.
+/// Elements per super-block of the K-quants.
 pub const QK_K: usize = 256;
-/// Elements per legacy block.
+/// Elements per block of the legacy 32-element quants.
 pub const QK: usize = 32;
 
 impl GgmlType {
-    /// The type with GGUF id `v`, if we know it.
+    /// Every type this crate knows, in GGUF id order.
+    pub const ALL: [GgmlType; 15] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q8_1,
+        GgmlType::Q2K,
+        GgmlType::Q3K,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+        GgmlType::Q8K,
+        GgmlType::BF16,
+    ];
+
+    /// Map a GGUF tensor type id to a type; `None` for ids this crate does not support.
     pub fn from_u32(v: u32) -> Option<GgmlType> {
         Some(match v {
             0 => GgmlType::F32,
@@ -49,8 +71,8 @@ impl GgmlType {
         })
     }
 
-    /// The GGUF id of this type.
-    pub fn id(self) -> u32 {
+    /// The GGUF type id (inverse of [`GgmlType::from_u32`]).
+    pub fn to_u32(self) -> u32 {
         match self {
             GgmlType::F32 => 0,
             GgmlType::F16 => 1,
@@ -70,6 +92,7 @@ impl GgmlType {
         }
     }
 
+    /// The ggml spelling of the type name (`"Q4_K"`, `"BF16"`, ...).
     pub fn name(self) -> &'static str {
         match self {
             GgmlType::F32 => "F32",
@@ -90,7 +113,7 @@ impl GgmlType {
         }
     }
 
-    /// Elements per block.
+    /// Elements per block: 1 for the float types, 32 for the legacy quants, 256 for the K-quants.
     pub fn block_elems(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
@@ -119,27 +142,60 @@ impl GgmlType {
         }
     }
 
-    /// Bytes of a row of `n_elems` values, or `None` if `n_elems` is not a whole number of blocks.
+    /// Bytes taken by a row of `n_elems` elements; `None` if `n_elems` is not a multiple of
+    /// [`block_elems`](GgmlType::block_elems) or the size overflows.
     pub fn row_bytes(self, n_elems: usize) -> Option<usize> {
-        if !n_elems.is_multiple_of(self.block_elems()) {
+        let be = self.block_elems();
+        if !n_elems.is_multiple_of(be) {
             return None;
         }
-        (n_elems / self.block_elems()).checked_mul(self.block_bytes())
+        (n_elems / be).checked_mul(self.block_bytes())
     }
 
-    /// The format activations are quantized to before a dot product with a row of this type.
+    /// The format an activation row must be quantized to before [`crate::vec_dot`] with a weight
+    /// row of this type.
     pub fn vec_dot_type(self) -> GgmlType {
         match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => GgmlType::F32,
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => GgmlType::Q8_0,
-            GgmlType::Q4_1 | GgmlType::Q5_1 => GgmlType::Q8_1,
-            GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => GgmlType::Q8K,
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_1 | GgmlType::Q8K => GgmlType::F32,
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q8_1 => GgmlType::Q8_1,
+            GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K | GgmlType::Q8K => {
+                GgmlType::Q8K
+            }
         }
+    }
+
+    /// Whether [`crate::quantize_row`] can produce this type.
+    pub fn can_quantize(self) -> bool {
+        !matches!(self, GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q5K)
     }
 }
 
-impl std::fmt::Display for GgmlType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for GgmlType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
 }
+
+/// Errors from the row-level conversion functions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KernelError {
+    /// The operation is not implemented for this type.
+    Unsupported { ty: GgmlType, op: &'static str },
+    /// A buffer or element count has the wrong length.
+    BadLength { expected: usize, got: usize },
+}
+
+impl fmt::Display for KernelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KernelError::Unsupported { ty, op } => write!(f, "{op} is not supported for {ty}"),
+            KernelError::BadLength { expected, got } => {
+                write!(f, "bad length: expected {expected}, got {got}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for KernelError {}

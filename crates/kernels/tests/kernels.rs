@@ -1,167 +1,475 @@
-//! Every format: quantize/dequantize round trips, and the dot products (scalar and SIMD) against
-//! an f32 dot of the dequantized operands.
+//! Correctness tests: layouts against gguf-py fixtures, quantization round trips, dot kernels
+//! (scalar reference vs dequantized math vs SIMD), matmul and the f32 helpers.
 
-use specswarm_kernels::{GgmlType, QMatrix, dequantize_row, quantize_row, vec_dot, vec_dot_scalar};
+use specswarm_kernels::*;
 
+/// Tiny deterministic xorshift64* generator.
 struct Rng(u64);
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
-    fn byte(&mut self) -> u8 {
-        (self.next() >> 32) as u8
+    /// Uniform in [-1, 1).
+    fn unif(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn range(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * (self.unif() * 0.5 + 0.5)
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.unif() * scale).collect()
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
     }
 }
 
-const WEIGHT_TYPES: [GgmlType; 13] = [
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-    GgmlType::Q2K,
-    GgmlType::Q3K,
-    GgmlType::Q4K,
-    GgmlType::Q5K,
-    GgmlType::Q6K,
-];
+const WEIGHT_TYPES: [GgmlType; 15] = GgmlType::ALL;
 
-/// A random row of `ty`: quantized from random floats where we can quantize, random bytes with
-/// sane scales otherwise (K-quants).
+fn put_f16(b: &mut [u8], off: usize, v: f32) {
+    b[off..off + 2].copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());
+}
+
+/// A random but well-formed row of `ty`: random bits, with scale fields set to sane values.
 fn random_row(ty: GgmlType, n: usize, rng: &mut Rng) -> Vec<u8> {
-    let mut row = vec![0u8; ty.row_bytes(n).unwrap()];
-    let vals: Vec<f32> = (0..n).map(|_| rng.uniform() * 2.0).collect();
-    if quantize_row(ty, &vals, &mut row).is_ok() {
-        return row;
+    match ty {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8K => {
+            let v = rng.vec(n, 1.0);
+            let mut out = vec![0u8; ty.row_bytes(n).unwrap()];
+            quantize_row(ty, &v, &mut out).unwrap();
+            return out;
+        }
+        _ => {}
     }
-    row.iter_mut().for_each(|b| *b = rng.byte());
-    let half = |v: f32| half::f16::from_f32(v).to_le_bytes();
     let bb = ty.block_bytes();
-    for block in row.chunks_exact_mut(bb) {
-        let (d, dmin) = (half(0.01 + 0.02 * rng.uniform().abs()), half(0.01 * rng.uniform().abs()));
-        match ty {
-            GgmlType::Q4K | GgmlType::Q5K => {
-                block[0..2].copy_from_slice(&d);
-                block[2..4].copy_from_slice(&dmin);
-            }
-            GgmlType::Q2K => {
-                block[80..82].copy_from_slice(&d);
-                block[82..84].copy_from_slice(&dmin);
-            }
-            GgmlType::Q3K => block[108..110].copy_from_slice(&d),
-            GgmlType::Q6K => block[208..210].copy_from_slice(&d),
-            _ => unreachable!(),
+    let mut out = rng.bytes(ty.row_bytes(n).unwrap());
+    let (d_offs, m_offs): (&[usize], &[usize]) = match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => (&[0], &[]),
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q8_1 => (&[0], &[2]),
+        GgmlType::Q2K => (&[80], &[82]),
+        GgmlType::Q3K => (&[108], &[]),
+        GgmlType::Q4K | GgmlType::Q5K => (&[0], &[2]),
+        GgmlType::Q6K => (&[208], &[]),
+        _ => unreachable!(),
+    };
+    for blk in out.chunks_exact_mut(bb) {
+        for &o in d_offs {
+            let v = rng.range(-0.05, 0.05);
+            put_f16(blk, o, v);
+        }
+        for &o in m_offs {
+            let v = rng.range(-0.1, 0.1);
+            put_f16(blk, o, v);
         }
     }
-    row
+    out
 }
 
-fn dequant(ty: GgmlType, row: &[u8], n: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n];
-    dequantize_row(ty, row, &mut out).unwrap();
+fn dequant(ty: GgmlType, b: &[u8], n: usize) -> Vec<f32> {
+    let mut out = vec![0.0; n];
+    dequantize_row(ty, b, &mut out).unwrap();
+    out
+}
+
+fn quant(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; ty.row_bytes(x.len()).unwrap()];
+    quantize_row(ty, x, &mut out).unwrap();
     out
 }
 
 #[test]
-fn round_trip_error_is_bounded() {
-    let mut rng = Rng(7);
-    let n = 512;
-    for (ty, tol) in [
-        (GgmlType::F32, 0.0),
-        (GgmlType::F16, 1e-3),
-        (GgmlType::BF16, 8e-3),
-        (GgmlType::Q8_0, 1.0 / 127.0),
-        (GgmlType::Q8_1, 1.0 / 127.0),
-        (GgmlType::Q8K, 1.0 / 127.0),
-        (GgmlType::Q5_0, 1.0 / 15.0),
-        (GgmlType::Q5_1, 1.0 / 31.0),
-        (GgmlType::Q4_0, 1.0 / 7.0),
-        (GgmlType::Q4_1, 1.0 / 15.0),
-    ] {
-        let x: Vec<f32> = (0..n).map(|_| rng.uniform()).collect();
-        let mut q = vec![0u8; ty.row_bytes(n).unwrap()];
-        quantize_row(ty, &x, &mut q).unwrap();
-        let y = dequant(ty, &q, n);
-        let err = x.iter().zip(&y).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        // Values are in [-1, 1): the step of each format bounds the error (half a step, plus slack).
-        assert!(err <= tol * 1.01 + 1e-6, "{ty}: max round-trip error {err} > {tol}");
+fn type_table() {
+    for ty in GgmlType::ALL {
+        assert_eq!(GgmlType::from_u32(ty.to_u32()), Some(ty));
+        assert_eq!(ty.row_bytes(ty.block_elems() * 3), Some(ty.block_bytes() * 3));
+        assert_eq!(ty.vec_dot_type().vec_dot_type(), ty.vec_dot_type());
     }
+    assert_eq!(GgmlType::from_u32(4), None);
+    assert_eq!(GgmlType::from_u32(16), None);
+    assert_eq!(GgmlType::from_u32(30), Some(GgmlType::BF16));
+    assert_eq!(GgmlType::Q4K.name(), "Q4_K");
+    assert_eq!(GgmlType::Q4_1.block_bytes(), 20);
+    assert_eq!(GgmlType::Q4_0.row_bytes(33), None);
+    assert_eq!(GgmlType::Q8_0.row_bytes(usize::MAX - 31), None); // multiple of 32, overflows
+    assert_eq!(GgmlType::Q4_1.vec_dot_type(), GgmlType::Q8_1);
+    assert_eq!(GgmlType::Q5_0.vec_dot_type(), GgmlType::Q8_0);
+    assert_eq!(GgmlType::Q6K.vec_dot_type(), GgmlType::Q8K);
+    assert_eq!(GgmlType::F16.vec_dot_type(), GgmlType::F32);
 }
 
 #[test]
-fn dot_products_match_dequantized_reference() {
-    let mut rng = Rng(11);
-    for ty in WEIGHT_TYPES {
-        for n in [256, 1024] {
-            for _ in 0..20 {
-                let w = random_row(ty, n, &mut rng);
-                let x: Vec<f32> = (0..n).map(|_| rng.uniform()).collect();
-                let act = ty.vec_dot_type();
-                let mut xq = vec![0u8; act.row_bytes(n).unwrap()];
-                quantize_row(act, &x, &mut xq).unwrap();
-                // Reference: dequantize both operands, dot in f64.
-                let (wf, xf) = (dequant(ty, &w, n), dequant(act, &xq, n));
-                let want: f64 = wf.iter().zip(&xf).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
-                let scale: f64 =
-                    wf.iter().zip(&xf).map(|(a, b)| (f64::from(*a) * f64::from(*b)).abs()).sum::<f64>().max(1e-6);
-                let scalar = f64::from(vec_dot_scalar(ty, n, &w, &xq));
-                let fast = f64::from(vec_dot(ty, n, &w, &xq));
-                // f16-rounded partial products (Q8_1's s) leave ~1e-3 relative slack.
-                let tol = if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) { 2e-3 } else { 1e-4 };
-                assert!((scalar - want).abs() / scale < tol, "{ty} n={n}: scalar {scalar} vs reference {want}");
-                assert!((fast - want).abs() / scale < tol, "{ty} n={n}: simd {fast} vs reference {want}");
-            }
-        }
-    }
-}
-
-#[test]
-fn matmul_matches_row_dots_for_many_tokens_and_threads() {
-    let mut rng = Rng(3);
-    let (rows, cols) = (100, 256);
-    for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::F32] {
-        let data: Vec<u8> = (0..rows).flat_map(|_| random_row(ty, cols, &mut rng)).collect();
-        let m = QMatrix::new(ty, rows, cols, data).unwrap();
-        for n_tokens in [1, 3, 17] {
-            let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.uniform()).collect();
-            let mut want = vec![0f32; n_tokens * rows];
-            for t in 0..n_tokens {
-                let act = ty.vec_dot_type();
-                let mut xq = vec![0u8; act.row_bytes(cols).unwrap()];
-                quantize_row(act, &x[t * cols..(t + 1) * cols], &mut xq).unwrap();
-                for r in 0..rows {
-                    want[t * rows + r] = vec_dot(
-                        ty,
-                        cols,
-                        &m.data()[r * ty.row_bytes(cols).unwrap()..][..ty.row_bytes(cols).unwrap()],
-                        &xq,
-                    );
-                }
-            }
-            for threads in [1, 2, 3] {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                let mut y = vec![0f32; n_tokens * rows];
-                pool.install(|| m.matmul(&x, n_tokens, &mut y));
-                assert_eq!(y, want, "{ty} tokens={n_tokens} threads={threads}");
-            }
-        }
-    }
-}
-
-#[test]
-fn bad_lengths_are_errors() {
+fn errors() {
+    let mut out = vec![0u8; 84];
+    let e = quantize_row(GgmlType::Q2K, &[0.0; 256], &mut out).unwrap_err();
+    assert!(matches!(e, KernelError::Unsupported { ty: GgmlType::Q2K, .. }));
+    let e = quantize_row(GgmlType::Q8_0, &[0.0; 32], &mut out).unwrap_err();
+    assert_eq!(e, KernelError::BadLength { expected: 34, got: 84 });
+    let mut y = [0.0f32; 40];
+    assert!(dequantize_row(GgmlType::Q4_0, &[0u8; 18], &mut y).is_err());
     assert!(QMatrix::new(GgmlType::Q4_0, 2, 32, vec![0; 35]).is_err());
     assert!(QMatrix::new(GgmlType::Q4_0, 2, 33, vec![0; 36]).is_err());
-    let mut out = vec![0f32; 31];
-    assert!(dequantize_row(GgmlType::Q8_0, &[0; 34], &mut out).is_err());
-    assert!(quantize_row(GgmlType::Q4K, &[0.0; 256], &mut [0u8; 144]).is_err());
+    assert!(QMatrix::new(GgmlType::Q4_0, 2, 32, vec![0; 36]).is_ok());
+    assert!(QMatrix::from_f32(GgmlType::Q5K, 1, 256, &[0.0; 256]).is_err());
+    assert!(format!("{e}").contains("expected 34"));
+}
+
+/// Dequantization of random bit patterns must match gguf-py's reference exactly
+/// (fixtures generated by tests/fixtures/gen.py).
+#[test]
+fn dequant_matches_gguf_py_fixtures() {
+    let fixtures: &[(GgmlType, &[u8])] = &[
+        (GgmlType::F16, include_bytes!("fixtures/F16.bin")),
+        (GgmlType::BF16, include_bytes!("fixtures/BF16.bin")),
+        (GgmlType::Q4_0, include_bytes!("fixtures/Q4_0.bin")),
+        (GgmlType::Q4_1, include_bytes!("fixtures/Q4_1.bin")),
+        (GgmlType::Q5_0, include_bytes!("fixtures/Q5_0.bin")),
+        (GgmlType::Q5_1, include_bytes!("fixtures/Q5_1.bin")),
+        (GgmlType::Q8_0, include_bytes!("fixtures/Q8_0.bin")),
+        (GgmlType::Q2K, include_bytes!("fixtures/Q2_K.bin")),
+        (GgmlType::Q3K, include_bytes!("fixtures/Q3_K.bin")),
+        (GgmlType::Q4K, include_bytes!("fixtures/Q4_K.bin")),
+        (GgmlType::Q5K, include_bytes!("fixtures/Q5_K.bin")),
+        (GgmlType::Q6K, include_bytes!("fixtures/Q6_K.bin")),
+    ];
+    for &(ty, file) in fixtures {
+        let n = u32::from_le_bytes(file[0..4].try_into().unwrap()) as usize;
+        let rb = ty.row_bytes(n).unwrap();
+        let raw = &file[4..4 + rb];
+        let exp: Vec<f32> = file[4 + rb..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(exp.len(), n, "{ty}");
+        let got = dequant(ty, raw, n);
+        for i in 0..n {
+            let tol = 1e-6 * exp[i].abs().max(1e-3);
+            assert!((got[i] - exp[i]).abs() <= tol, "{ty} elem {i}: got {} want {}", got[i], exp[i]);
+        }
+    }
+}
+
+/// Hand-built blocks pinning the bit layouts independently of the quantizers.
+#[test]
+fn dequant_hand_built_blocks() {
+    // Q4_0: d=0.5; qs[0]=0x21 -> elem 0 = (1-8)*0.5, elem 16 = (2-8)*0.5.
+    let mut b = vec![0u8; 18];
+    put_f16(&mut b, 0, 0.5);
+    b[2] = 0x21;
+    let y = dequant(GgmlType::Q4_0, &b, 32);
+    assert_eq!((y[0], y[16], y[1]), (-3.5, -3.0, -4.0));
+    // Q5_0: qh bit 16 set -> elem 16 gets +16.
+    let mut b = vec![0u8; 22];
+    put_f16(&mut b, 0, 1.0);
+    b[2..6].copy_from_slice(&(1u32 << 16).to_le_bytes());
+    b[6] = 0x30;
+    let y = dequant(GgmlType::Q5_0, &b, 32);
+    assert_eq!((y[0], y[16]), (-16.0, 3.0));
+    // Q8_1 / Q8_0: qs after the header.
+    let mut b = vec![0u8; 36];
+    put_f16(&mut b, 0, 2.0);
+    b[4] = (-3i8) as u8;
+    assert_eq!(dequant(GgmlType::Q8_1, &b, 32)[0], -6.0);
+    // Q4_K: sub-block 5 (j>=4) scale/min packing: sc = (s[9]&15) | (s[1]>>6)<<4, m = (s[9]>>4) | (s[5]>>6)<<4.
+    let mut b = vec![0u8; 144];
+    put_f16(&mut b, 0, 1.0);
+    put_f16(&mut b, 2, 1.0);
+    let s = &mut b[4..16];
+    s[9] = 0x32; // sc low = 2, m low = 3
+    s[1] = 0x40; // sc high bits = 1 -> sc = 18
+    s[5] = 0x80; // m high bits = 2 -> m = 35
+    b[16 + 2 * 32 + 7] = 0x50; // chunk 2, l = 7, high nibble 5 -> elem 2*64+32+7 = 167 (sub-block 5)
+    let y = dequant(GgmlType::Q4K, &b, 256);
+    assert_eq!(y[167], 18.0 * 5.0 - 35.0);
+    assert_eq!(y[160], -35.0);
+    // Q6_K: elem 64+l of half 0 = high nibble of ql[l] with qh bits 4..5, scale sc[4 + l/16].
+    let mut b = vec![0u8; 210];
+    put_f16(&mut b, 208, 0.25);
+    b[3] = 0x70; // ql[3] high nibble 7
+    b[128 + 3] = 0x20; // qh[3] bits 4..5 = 2 -> q = 7 | 32 = 39 -> 39 - 32 = 7
+    b[192 + 4] = (-2i8) as u8;
+    let y = dequant(GgmlType::Q6K, &b, 256);
+    assert_eq!(y[67], 0.25 * -2.0 * 7.0);
+}
+
+#[test]
+fn quantize_round_trips() {
+    let mut rng = Rng::new(1);
+    // (type, max |err| as a fraction of the block's max |x|, rms err / rms x)
+    let cases = [
+        (GgmlType::F32, 0.0, 0.0),
+        (GgmlType::F16, 1e-3, 1e-3),
+        (GgmlType::BF16, 8e-3, 8e-3),
+        (GgmlType::Q4_0, 0.126, 0.08),
+        (GgmlType::Q4_1, 0.075, 0.08),
+        (GgmlType::Q5_0, 0.063, 0.04),
+        (GgmlType::Q5_1, 0.04, 0.04),
+        (GgmlType::Q8_0, 0.0045, 0.005),
+        (GgmlType::Q8_1, 0.0045, 0.005),
+        (GgmlType::Q8K, 0.0042, 0.005),
+        (GgmlType::Q4K, 0.12, 0.09),
+        (GgmlType::Q6K, 0.05, 0.025),
+    ];
+    for (ty, max_tol, rms_tol) in cases {
+        for trial in 0..20 {
+            let n = 512;
+            let scale = [1.0f32, 1e-2, 30.0][trial % 3];
+            let mut x = rng.vec(n, scale);
+            if trial % 4 == 1 {
+                x.iter_mut().for_each(|v| *v = v.abs() + 0.5 * scale); // all positive, offset
+            }
+            let y = dequant(ty, &quant(ty, &x), n);
+            let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let (mut e2, mut x2, mut emax) = (0.0f64, 0.0f64, 0.0f32);
+            for (a, b) in x.iter().zip(&y) {
+                e2 += ((a - b) as f64).powi(2);
+                x2 += (*a as f64).powi(2);
+                emax = emax.max((a - b).abs());
+            }
+            let rms = (e2 / x2).sqrt();
+            assert!(emax <= max_tol * amax + 1e-12, "{ty} trial {trial}: max err {emax} vs amax {amax}");
+            assert!(rms <= rms_tol + 1e-12, "{ty} trial {trial}: rms rel err {rms}");
+        }
+    }
+    // All-zero input quantizes to zeros for every quantizable type.
+    for ty in GgmlType::ALL.into_iter().filter(|t| t.can_quantize()) {
+        let z = vec![0.0f32; 256];
+        assert!(dequant(ty, &quant(ty, &z), 256).iter().all(|&v| v == 0.0), "{ty}");
+    }
+}
+
+#[test]
+fn q8_activation_sums() {
+    let mut rng = Rng::new(7);
+    let x = rng.vec(512, 3.0);
+    let q = quant(GgmlType::Q8K, &x);
+    for blk in q.chunks_exact(292) {
+        for g in 0..16 {
+            let s: i32 = blk[4 + 16 * g..4 + 16 * g + 16].iter().map(|&v| v as i8 as i32).sum();
+            let b = i16::from_le_bytes([blk[260 + 2 * g], blk[261 + 2 * g]]) as i32;
+            assert_eq!(s, b);
+        }
+    }
+    let q = quant(GgmlType::Q8_1, &x);
+    let deq = dequant(GgmlType::Q8_1, &q, 512);
+    for (blk, y) in q.chunks_exact(36).zip(deq.chunks_exact(32)) {
+        let s = half::f16::from_bits(u16::from_le_bytes([blk[2], blk[3]])).to_f32();
+        let want: f32 = y.iter().sum();
+        assert!((s - want).abs() <= 2e-3 * want.abs() + 1e-3, "s {s} want {want}");
+    }
+}
+
+/// `vec_dot` (SIMD and scalar) against f64 math on the dequantized operands.
+fn check_dot_exact(ty: GgmlType, n: usize, w: &[u8], x: &[f32], what: &str) {
+    let xt = ty.vec_dot_type();
+    let xq = quant(xt, x);
+    let wd = dequant(ty, w, n);
+    let xd = dequant(xt, &xq, n);
+    let (mut r, mut mag) = (0.0f64, 0.0f64);
+    for (a, b) in wd.iter().zip(&xd) {
+        r += *a as f64 * *b as f64;
+        mag += (*a as f64 * *b as f64).abs();
+    }
+    // Q8_1's precomputed block sum is stored as f16: allow for its rounding.
+    let rel = if xt == GgmlType::Q8_1 { 2e-3 } else { 2e-5 };
+    let tol = rel * mag + 1e-6;
+    let s = vec_dot_scalar(ty, n, w, &xq) as f64;
+    let v = vec_dot(ty, n, w, &xq) as f64;
+    assert!((s - r).abs() <= tol, "{ty} {what} n={n}: scalar {s} ref {r} tol {tol}");
+    assert!((v - r).abs() <= tol, "{ty} {what} n={n}: simd {v} ref {r} tol {tol}");
+    // SIMD and scalar differ only by summation order.
+    assert!((v - s).abs() <= 2e-5 * mag + 1e-6, "{ty} {what} n={n}: simd {v} scalar {s}");
+}
+
+#[test]
+fn vec_dot_random_blocks_all_types() {
+    let mut rng = Rng::new(42);
+    for ty in WEIGHT_TYPES {
+        let be = ty.block_elems().max(32);
+        for nblk in [1usize, 2, 3, 5, 8] {
+            let n = be * nblk;
+            for _ in 0..4 {
+                let w = random_row(ty, n, &mut rng);
+                let x = rng.vec(n, 2.0);
+                check_dot_exact(ty, n, &w, &x, "random-bits");
+            }
+        }
+    }
+}
+
+#[test]
+fn vec_dot_quantized_weights_vs_f32() {
+    let mut rng = Rng::new(99);
+    for ty in WEIGHT_TYPES.into_iter().filter(|t| t.can_quantize()) {
+        for nblk in [1usize, 3, 6] {
+            let n = 256 * nblk;
+            let wf = rng.vec(n, 0.1);
+            let x = rng.vec(n, 1.5);
+            let w = quant(ty, &wf);
+            check_dot_exact(ty, n, &w, &x, "quantized");
+            // Against the unquantized product: error relative to |w|*|x|.
+            let exact: f64 = wf.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let norm = (wf.iter().map(|v| (*v as f64).powi(2)).sum::<f64>()
+                * x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>())
+            .sqrt();
+            let xq = quant(ty.vec_dot_type(), &x);
+            let got = vec_dot(ty, n, &w, &xq) as f64;
+            let tol = match ty {
+                GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4K => 0.08,
+                GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q6K => 0.04,
+                _ => 0.01,
+            };
+            assert!((got - exact).abs() <= tol * norm, "{ty} n={n}: got {got} exact {exact} norm {norm}");
+        }
+    }
+}
+
+#[test]
+fn simd_matches_scalar_extreme_values() {
+    // Saturated quants: all nibbles 0xF / bytes 0x7F and activations at +-127.
+    let mut rng = Rng::new(5);
+    for ty in WEIGHT_TYPES {
+        let n = 512;
+        let mut w = random_row(ty, n, &mut rng);
+        if !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8K) {
+            // Set every non-scale byte to 0xFF, keeping scales sane.
+            w.iter_mut().for_each(|a| *a = 0xFF);
+            let fix = random_row(ty, n, &mut rng);
+            let bb = ty.block_bytes();
+            for (blk, fb) in w.chunks_exact_mut(bb).zip(fix.chunks_exact(bb)) {
+                let offs: &[usize] = match ty {
+                    GgmlType::Q2K => &[80, 81, 82, 83],
+                    GgmlType::Q3K => &[108, 109],
+                    GgmlType::Q6K => &[208, 209, 192, 193, 194],
+                    GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q8_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 1, 2, 3],
+                    _ => &[0, 1],
+                };
+                for &o in offs {
+                    blk[o] = fb[o];
+                }
+            }
+        }
+        let x: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
+        check_dot_exact(ty, n, &w, &x, "saturated");
+    }
+}
+
+#[test]
+fn matmul_matches_vec_dot() {
+    let mut rng = Rng::new(3);
+    let pools = [
+        rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap(),
+        rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap(),
+        rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap(),
+    ];
+    let cases = [
+        (GgmlType::Q4_1, 37, 512),
+        (GgmlType::Q4_0, 21, 96),
+        (GgmlType::Q5_1, 21, 160),
+        (GgmlType::Q8_1, 5, 64),
+        (GgmlType::Q8K, 5, 256),
+        (GgmlType::BF16, 7, 40),
+        (GgmlType::Q8_0, 200, 256),
+        (GgmlType::Q5_0, 64, 1024),
+        (GgmlType::Q4K, 129, 512),
+        (GgmlType::Q6K, 70, 768),
+        (GgmlType::Q5K, 33, 512),
+        (GgmlType::Q2K, 33, 256),
+        (GgmlType::Q3K, 33, 256),
+        (GgmlType::F16, 50, 96),
+        (GgmlType::F32, 9, 40),
+    ];
+    let mut scratch = Vec::new();
+    for (ty, rows, cols) in cases {
+        let data: Vec<u8> = (0..rows).flat_map(|_| random_row(ty, cols, &mut rng)).collect();
+        let m = QMatrix::new(ty, rows, cols, data).unwrap();
+        for n_tokens in [1usize, 2, 3, 4, 5, 7, 33] {
+            let x = rng.vec(n_tokens * cols, 1.0);
+            let xt = ty.vec_dot_type();
+            let mut want = vec![0.0f32; n_tokens * rows];
+            let mut mag = vec![0.0f32; n_tokens * rows];
+            let wd: Vec<Vec<f32>> = (0..rows).map(|r| dequant(ty, m.row(r), cols)).collect();
+            for t in 0..n_tokens {
+                let xq = quant(xt, &x[t * cols..(t + 1) * cols]);
+                let xd = dequant(xt, &xq, cols);
+                for r in 0..rows {
+                    want[t * rows + r] = vec_dot(ty, cols, m.row(r), &xq);
+                    mag[t * rows + r] = wd[r].iter().zip(&xd).map(|(a, b)| (a * b).abs()).sum();
+                }
+            }
+            for pool in &pools {
+                let mut y = vec![f32::NAN; n_tokens * rows];
+                pool.install(|| m.matmul(&x, n_tokens, &mut y));
+                let th = pool.current_num_threads();
+                if n_tokens == 1 {
+                    assert_eq!(y, want, "{ty} {rows}x{cols} threads={th}");
+                }
+                for i in 0..y.len() {
+                    // Multi-token kernels may sum in a different order than the 1-token ones.
+                    let tol = 1e-5 * mag[i] + 1e-6;
+                    assert!(
+                        (y[i] - want[i]).abs() <= tol,
+                        "{ty} {rows}x{cols} t={n_tokens} threads={th} i={i}: {} vs {}",
+                        y[i],
+                        want[i]
+                    );
+                }
+                let mut y2 = vec![f32::NAN; n_tokens * rows];
+                pool.install(|| m.matmul_with_scratch(&x, n_tokens, &mut y2, &mut scratch));
+                assert_eq!(y2, y);
+            }
+        }
+        // Dequantized row lookup.
+        let mut row = vec![0.0f32; cols];
+        m.dequantize_row(rows - 1, &mut row);
+        assert_eq!(row, dequant(ty, m.row(rows - 1), cols));
+    }
+}
+
+#[test]
+fn matmul_from_f32_close_to_exact() {
+    let mut rng = Rng::new(11);
+    let (rows, cols, nt) = (48, 512, 3);
+    let wf = rng.vec(rows * cols, 0.2);
+    let x = rng.vec(nt * cols, 1.0);
+    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K] {
+        let m = QMatrix::from_f32(ty, rows, cols, &wf).unwrap();
+        let mut y = vec![0.0f32; nt * rows];
+        m.matmul(&x, nt, &mut y);
+        for t in 0..nt {
+            for r in 0..rows {
+                let exact: f32 = (0..cols).map(|c| wf[r * cols + c] * x[t * cols + c]).sum();
+                let tol = match ty {
+                    GgmlType::F32 => 1e-4,
+                    GgmlType::F16 | GgmlType::BF16 => 0.03,
+                    GgmlType::Q8_0 => 0.06,
+                    GgmlType::Q6K => 0.15,
+                    _ => 0.5,
+                };
+                assert!((y[t * rows + r] - exact).abs() <= tol, "{ty} t{t} r{r}: {} vs {exact}", y[t * rows + r]);
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_helpers() {
+    let mut rng = Rng::new(17);
+    for n in [0usize, 1, 7, 8, 9, 31, 32, 33, 100, 1000] {
+        let a = rng.vec(n, 1.0);
+        let b = rng.vec(n + 3, 1.0);
+        let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        assert!((dot_f32(&a, &b) as f64 - want).abs() < 1e-4, "n={n}");
+        assert!((dot_f32_scalar(&a, &b[..n]) as f64 - want).abs() < 1e-4, "n={n}");
+        let mut y = b.clone();
+        axpy_f32(0.5, &a, &mut y);
+        for i in 0..n + 3 {
+            let w = if i < n { b[i] + 0.5 * a[i] } else { b[i] };
+            assert!((y[i] - w).abs() < 1e-6, "n={n} i={i}");
+        }
+    }
 }
