@@ -58,12 +58,20 @@ fn main() {
         (GgmlType::Q3K, 2048, 2048, &[108]),
         (GgmlType::Q2K, 2048, 2048, &[80, 82]),
     ];
-    let pool1 = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-    let pool2 = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let pool1 = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let pool2 = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
     for &(ty, rows, cols, offs) in cases {
         let m = random_matrix(ty, rows, cols, offs);
         let bytes = m.data().len() as f64;
-        let x: Vec<f32> = (0..cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
         let mut y = vec![0.0f32; rows];
         let mut scratch = Vec::new();
         let xt = ty.vec_dot_type();
@@ -74,8 +82,12 @@ fn main() {
                 *yr = vec_dot_scalar(ty, cols, m.row(r), &xq);
             }
         });
-        let t1 = time(min_secs, || pool1.install(|| m.matmul_with_scratch(&x, 1, &mut y, &mut scratch)));
-        let t2 = time(min_secs, || pool2.install(|| m.matmul_with_scratch(&x, 1, &mut y, &mut scratch)));
+        let t1 = time(min_secs, || {
+            pool1.install(|| m.matmul_with_scratch(&x, 1, &mut y, &mut scratch))
+        });
+        let t2 = time(min_secs, || {
+            pool2.install(|| m.matmul_with_scratch(&x, 1, &mut y, &mut scratch))
+        });
         let gbs = |t: f64| bytes / t / 1e9;
         println!(
             "{:5} {rows:>6}x{cols:<5} ({:6.1} MB): scalar 1t {:8.3} ms {:6.2} GB/s | simd 1t {:8.3} ms {:6.2} GB/s | simd 2t {:8.3} ms {:6.2} GB/s",
@@ -93,10 +105,14 @@ fn main() {
     for &(ty, rows, cols, offs) in cases.iter().filter(|c| c.1 <= 2048) {
         let m = random_matrix(ty, rows, cols, offs);
         for nt in [1usize, 4, 64] {
-            let x: Vec<f32> = (0..cols * nt).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+            let x: Vec<f32> = (0..cols * nt)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
             let mut y = vec![0.0f32; rows * nt];
             let mut scratch = Vec::new();
-            let t1 = time(min_secs, || pool1.install(|| m.matmul_with_scratch(&x, nt, &mut y, &mut scratch)));
+            let t1 = time(min_secs, || {
+                pool1.install(|| m.matmul_with_scratch(&x, nt, &mut y, &mut scratch))
+            });
             println!(
                 "{:5} {rows}x{cols} n_tokens={nt:3}: 1t {:8.3} ms, {:7.2} us/token, {:6.1} GMAC/s",
                 ty.name(),

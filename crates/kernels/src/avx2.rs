@@ -177,7 +177,10 @@ macro_rules! legacy_dot {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_0_q8_0(nb: usize, w: *const u8, x: *const u8) -> f32 {
-    legacy_dot!(nb, w, x, 34, 34, false, |wb, xb| mul_sum_i8_i8(ld256(wb.add(2)), ld256(xb.add(2))))
+    legacy_dot!(nb, w, x, 34, 34, false, |wb, xb| mul_sum_i8_i8(
+        ld256(wb.add(2)),
+        ld256(xb.add(2))
+    ))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -419,7 +422,8 @@ unsafe fn q3k_q8k(nb: usize, w: *const u8, x: *const u8) -> f32 {
                 let clear = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), _mm256_setzero_si256());
                 let sub = _mm256_and_si256(clear, four);
                 let xv = ld256(xb.add(4 + 128 * h + 32 * p));
-                let prod = _mm256_sub_epi16(_mm256_maddubs_epi16(low, xv), _mm256_maddubs_epi16(sub, xv));
+                let prod =
+                    _mm256_sub_epi16(_mm256_maddubs_epi16(low, xv), _mm256_maddubs_epi16(sub, xv));
                 let s = scale_pair(sc[is] as i16, sc[is + 1] as i16);
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(prod, s));
             }
@@ -579,7 +583,10 @@ unsafe fn f16_bits(v: f32) -> u16 {
 
 #[inline(always)]
 unsafe fn f16_round(v: f32) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT)))
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(
+        _mm_set_ss(v),
+        _MM_FROUND_TO_NEAREST_INT,
+    )))
 }
 
 /// AVX2 twin of the scalar Q8_0 / Q8_1 / Q8_K quantizers (byte-identical output).
@@ -593,7 +600,11 @@ pub(crate) unsafe fn quantize_q8(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
     let o = dst.as_mut_ptr();
     match ty {
         GgmlType::Q8_0 | GgmlType::Q8_1 => {
-            let (bb, qo) = if ty == GgmlType::Q8_0 { (34, 2) } else { (36, 4) };
+            let (bb, qo) = if ty == GgmlType::Q8_0 {
+                (34, 2)
+            } else {
+                (36, 4)
+            };
             for i in 0..src.len() / 32 {
                 let (sb, ob) = (s.add(32 * i), o.add(bb * i));
                 let d = absmax32(sb) / 127.0;
@@ -601,7 +612,10 @@ pub(crate) unsafe fn quantize_q8(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
                 let q = q8_store32(sb, id, ob.add(qo));
                 (ob as *mut u16).write_unaligned(f16_bits(d).to_le());
                 if ty == GgmlType::Q8_1 {
-                    let t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+                    let t = _mm256_add_epi32(
+                        _mm256_add_epi32(q[0], q[1]),
+                        _mm256_add_epi32(q[2], q[3]),
+                    );
                     let sum = hsum_epi32(t) as f32;
                     (ob.add(2) as *mut u16).write_unaligned(f16_bits(f16_round(d) * sum).to_le());
                 }

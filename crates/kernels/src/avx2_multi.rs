@@ -20,7 +20,10 @@ pub(crate) fn dot_multi_fn(ty: GgmlType) -> Option<DotMultiFn> {
         ($t:expr, $body:ident) => {{
             fn f(n: usize, w: &[u8], x: &[u8], stride: usize, out: &mut [f32]) {
                 let nt = out.len();
-                assert!((1..=MAX_TOKENS).contains(&nt), "multi-token kernel: {nt} tokens");
+                assert!(
+                    (1..=MAX_TOKENS).contains(&nt),
+                    "multi-token kernel: {nt} tokens"
+                );
                 let nb = check_row($t, n, w, x);
                 let xrb = $t.vec_dot_type().row_bytes(n).unwrap_or(usize::MAX);
                 assert!(
@@ -77,7 +80,11 @@ macro_rules! legacy_multi {
             for k in 0..4 {
                 let $wb = wp.add(k * $wbs);
                 q[k] = $prep;
-                qa[k] = if $signed { _mm256_sign_epi8(q[k], q[k]) } else { q[k] };
+                qa[k] = if $signed {
+                    _mm256_sign_epi8(q[k], q[k])
+                } else {
+                    q[k]
+                };
             }
             let (wsc2, wsc1) = if $has_m {
                 (ld_f16pairs_x4(wp, $wbs), _mm_setzero_ps())
@@ -95,7 +102,11 @@ macro_rules! legacy_multi {
                 };
                 for k in 0..4 {
                     let xv = ld256(xp.add(k * $xbs + $xqo));
-                    let xv = if $signed { _mm256_sign_epi8(xv, q[k]) } else { xv };
+                    let xv = if $signed {
+                        _mm256_sign_epi8(xv, q[k])
+                    } else {
+                        xv
+                    };
                     let p = mul_sum_u8_i8(qa[k], xv);
                     acc[t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc, idx[k]), p, acc[t]);
                 }
@@ -129,44 +140,100 @@ macro_rules! legacy_multi {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
-    legacy_multi!(T, nb, w, x, stride, out, 34, 34, 2, false, true, |wb| ld256(wb.add(2)))
+unsafe fn q8_0_m<const T: usize>(
+    nb: usize,
+    w: *const u8,
+    x: *const u8,
+    stride: usize,
+    out: &mut [f32],
+) {
+    legacy_multi!(
+        T,
+        nb,
+        w,
+        x,
+        stride,
+        out,
+        34,
+        34,
+        2,
+        false,
+        true,
+        |wb| ld256(wb.add(2))
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_0_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
+unsafe fn q4_0_m<const T: usize>(
+    nb: usize,
+    w: *const u8,
+    x: *const u8,
+    stride: usize,
+    out: &mut [f32],
+) {
     let eight = _mm256_set1_epi8(8);
-    legacy_multi!(T, nb, w, x, stride, out, 18, 34, 2, false, true, |wb| _mm256_sub_epi8(
-        unpack_nibbles16(wb.add(2)),
-        eight
-    ))
+    legacy_multi!(T, nb, w, x, stride, out, 18, 34, 2, false, true, |wb| {
+        _mm256_sub_epi8(unpack_nibbles16(wb.add(2)), eight)
+    })
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_1_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
-    legacy_multi!(T, nb, w, x, stride, out, 20, 36, 4, true, false, |wb| unpack_nibbles16(wb.add(4)))
+unsafe fn q4_1_m<const T: usize>(
+    nb: usize,
+    w: *const u8,
+    x: *const u8,
+    stride: usize,
+    out: &mut [f32],
+) {
+    legacy_multi!(T, nb, w, x, stride, out, 20, 36, 4, true, false, |wb| {
+        unpack_nibbles16(wb.add(4))
+    })
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_0_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
+unsafe fn q5_0_m<const T: usize>(
+    nb: usize,
+    w: *const u8,
+    x: *const u8,
+    stride: usize,
+    out: &mut [f32],
+) {
     let f0 = _mm256_set1_epi8(0xF0u8 as i8);
     legacy_multi!(T, nb, w, x, stride, out, 22, 34, 2, false, true, |wb| {
         let qh = (wb.add(2) as *const u32).read_unaligned();
-        _mm256_or_si256(unpack_nibbles16(wb.add(6)), _mm256_andnot_si256(bits_to_bytes(qh), f0))
+        _mm256_or_si256(
+            unpack_nibbles16(wb.add(6)),
+            _mm256_andnot_si256(bits_to_bytes(qh), f0),
+        )
     })
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_1_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
+unsafe fn q5_1_m<const T: usize>(
+    nb: usize,
+    w: *const u8,
+    x: *const u8,
+    stride: usize,
+    out: &mut [f32],
+) {
     let b4 = _mm256_set1_epi8(0x10);
     legacy_multi!(T, nb, w, x, stride, out, 24, 36, 4, true, false, |wb| {
         let qh = (wb.add(4) as *const u32).read_unaligned();
-        _mm256_or_si256(unpack_nibbles16(wb.add(8)), _mm256_and_si256(bits_to_bytes(qh), b4))
+        _mm256_or_si256(
+            unpack_nibbles16(wb.add(8)),
+            _mm256_and_si256(bits_to_bytes(qh), b4),
+        )
     })
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
+unsafe fn q4k_m<const T: usize>(
+    nb: usize,
+    w: *const u8,
+    x: *const u8,
+    stride: usize,
+    out: &mut [f32],
+) {
     let mut acc = [_mm256_setzero_ps(); T];
     let mut accm = [_mm256_setzero_ps(); T];
     let m4 = _mm256_set1_epi8(0x0F);
@@ -202,7 +269,13 @@ unsafe fn q4k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: u
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
+unsafe fn q5k_m<const T: usize>(
+    nb: usize,
+    w: *const u8,
+    x: *const u8,
+    stride: usize,
+    out: &mut [f32],
+) {
     let mut acc = [_mm256_setzero_ps(); T];
     let mut accm = [_mm256_setzero_ps(); T];
     let m4 = _mm256_set1_epi8(0x0F);
@@ -243,7 +316,13 @@ unsafe fn q5k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: u
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
+unsafe fn q6k_m<const T: usize>(
+    nb: usize,
+    w: *const u8,
+    x: *const u8,
+    stride: usize,
+    out: &mut [f32],
+) {
     let mut acc = [_mm256_setzero_ps(); T];
     let m4 = _mm256_set1_epi8(0x0F);
     let m2 = _mm256_set1_epi8(3);

@@ -54,7 +54,10 @@ pub(crate) fn q3k_scales(s: &[u8]) -> [i8; 16] {
     let r0 = (a & M4) | (hi0 << 4);
     let r1 = ((a >> 4) & M4) | (hi1 << 4);
     let mut out = [0i8; 16];
-    for (o, v) in out.iter_mut().zip(r0.to_le_bytes().into_iter().chain(r1.to_le_bytes())) {
+    for (o, v) in out
+        .iter_mut()
+        .zip(r0.to_le_bytes().into_iter().chain(r1.to_le_bytes()))
+    {
         *o = (v as i8).wrapping_sub(32);
     }
     out
@@ -63,11 +66,20 @@ pub(crate) fn q3k_scales(s: &[u8]) -> [i8; 16] {
 fn check_lens(ty: GgmlType, n: usize, bytes: usize) -> Result<usize, KernelError> {
     let be = ty.block_elems();
     if !n.is_multiple_of(be) {
-        return Err(KernelError::BadLength { expected: n.div_ceil(be) * be, got: n });
+        return Err(KernelError::BadLength {
+            expected: n.div_ceil(be) * be,
+            got: n,
+        });
     }
-    let rb = ty.row_bytes(n).ok_or(KernelError::BadLength { expected: usize::MAX, got: n })?;
+    let rb = ty.row_bytes(n).ok_or(KernelError::BadLength {
+        expected: usize::MAX,
+        got: n,
+    })?;
     if rb != bytes {
-        return Err(KernelError::BadLength { expected: rb, got: bytes });
+        return Err(KernelError::BadLength {
+            expected: rb,
+            got: bytes,
+        });
     }
     Ok(n / be)
 }
@@ -306,7 +318,10 @@ fn deq_q6k(b: &[u8], y: &mut [f32]) {
 /// (`ty.row_bytes(src.len())` bytes). Supported: every type except Q2_K, Q3_K and Q5_K.
 pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), KernelError> {
     if !ty.can_quantize() {
-        return Err(KernelError::Unsupported { ty, op: "quantize_row" });
+        return Err(KernelError::Unsupported {
+            ty,
+            op: "quantize_row",
+        });
     }
     check_lens(ty, src.len(), dst.len())?;
     match ty {
@@ -353,7 +368,8 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), Ker
 /// available, byte-identical to [`quantize_row`].
 pub(crate) fn quantize_act(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), KernelError> {
     #[cfg(target_arch = "x86_64")]
-    if matches!(ty, GgmlType::Q8_0 | GgmlType::Q8_1 | GgmlType::Q8K) && crate::dot::simd_available() {
+    if matches!(ty, GgmlType::Q8_0 | GgmlType::Q8_1 | GgmlType::Q8K) && crate::dot::simd_available()
+    {
         check_lens(ty, src.len(), dst.len())?;
         // SAFETY: AVX2/FMA/F16C detected; lengths checked (whole blocks on both sides).
         unsafe { crate::avx2::quantize_q8(ty, src, dst) };
@@ -376,7 +392,10 @@ fn signed_absmax(x: &[f32]) -> f32 {
 
 #[inline]
 fn min_max(x: &[f32]) -> (f32, f32) {
-    x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+    x.iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        })
 }
 
 /// Symmetric `bits`-bit quantization: q in 0..2^bits, value = d * (q - 2^(bits-1)).
@@ -410,7 +429,9 @@ fn pack_nibbles(q: &[u8; QK], qs: &mut [u8]) {
 }
 
 fn high_bits(q: &[u8; QK]) -> u32 {
-    q.iter().enumerate().fold(0u32, |acc, (j, &v)| acc | (((v as u32 >> 4) & 1) << j))
+    q.iter()
+        .enumerate()
+        .fold(0u32, |acc, (j, &v)| acc | (((v as u32 >> 4) & 1) << j))
 }
 
 fn q_q4_0(x: &[f32], b: &mut [u8]) {
@@ -507,8 +528,16 @@ fn q_q4k(x: &[f32], b: &mut [u8]) {
     let mut lm = [0u8; 8];
     for j in 0..8 {
         // Round the scale up so the sub-block's range still fits in 0..=15.
-        ls[j] = if d > 0.0 { ((sc[j] / d).ceil() as i32).clamp(0, 63) as u8 } else { 0 };
-        lm[j] = if dmin > 0.0 { ((mn[j] / dmin).round() as i32).clamp(0, 63) as u8 } else { 0 };
+        ls[j] = if d > 0.0 {
+            ((sc[j] / d).ceil() as i32).clamp(0, 63) as u8
+        } else {
+            0
+        };
+        lm[j] = if dmin > 0.0 {
+            ((mn[j] / dmin).round() as i32).clamp(0, 63) as u8
+        } else {
+            0
+        };
     }
     wr_f16(b, 0, d);
     wr_f16(b, 2, dmin);
@@ -547,7 +576,11 @@ fn q_q6k(x: &[f32], b: &mut [u8]) {
     let d = f16::from_f32(max_abs / 127.0).to_f32();
     let mut sc = [0i8; 16];
     for g in 0..16 {
-        sc[g] = if d > 0.0 { (gs[g] / d).round().clamp(-127.0, 127.0) as i8 } else { 0 };
+        sc[g] = if d > 0.0 {
+            (gs[g] / d).round().clamp(-127.0, 127.0) as i8
+        } else {
+            0
+        };
     }
     let mut q = [0u8; QK_K];
     for g in 0..16 {
@@ -597,7 +630,9 @@ mod tests {
                 let mut x: Vec<f32> = (0..n).map(|_| next() * scale).collect();
                 if trial % 5 == 0 {
                     // Exact ties: multiples of d / 2.
-                    x.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 255) as f32 * 0.5 - 63.5);
+                    x.iter_mut()
+                        .enumerate()
+                        .for_each(|(i, v)| *v = (i % 255) as f32 * 0.5 - 63.5);
                 }
                 let rb = ty.row_bytes(n).unwrap();
                 let (mut a, mut b) = (vec![0u8; rb], vec![0u8; rb]);

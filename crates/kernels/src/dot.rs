@@ -85,11 +85,17 @@ pub(crate) fn scalar_dot_fn(ty: GgmlType) -> DotFn {
 #[inline]
 pub(crate) fn check_row(ty: GgmlType, n: usize, w: &[u8], x: &[u8]) -> usize {
     let be = ty.block_elems();
-    assert!(n.is_multiple_of(be), "vec_dot: {n} elements is not a multiple of {be} for {ty}");
+    assert!(
+        n.is_multiple_of(be),
+        "vec_dot: {n} elements is not a multiple of {be} for {ty}"
+    );
     let wb = n / be * ty.block_bytes();
     let xt = ty.vec_dot_type();
     let xb = n / xt.block_elems() * xt.block_bytes();
-    assert!(w.len() >= wb && x.len() >= xb, "vec_dot: row too short for {n} elements of {ty}");
+    assert!(
+        w.len() >= wb && x.len() >= xb,
+        "vec_dot: row too short for {n} elements of {ty}"
+    );
     n / be
 }
 
@@ -112,7 +118,9 @@ pub fn vec_dot_scalar(ty: GgmlType, n: usize, w_row: &[u8], x_row: &[u8]) -> f32
 // ---------------------------------------------------------------------------------------------
 
 fn f32s(x: &[u8], n: usize) -> impl Iterator<Item = f32> + '_ {
-    x[..n * 4].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+    x[..n * 4]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
 }
 
 fn dot_f32_f32(n: usize, w: &[u8], x: &[u8]) -> f32 {
@@ -220,7 +228,10 @@ fn dot_q8_0(n: usize, w: &[u8], x: &[u8]) -> f32 {
     let mut acc = 0.0f32;
     for i in 0..nb {
         let (wb, xb) = (&w[i * 34..i * 34 + 34], &x[i * 34..i * 34 + 34]);
-        let s: i32 = i8s(&wb[2..34]).zip(i8s(&xb[2..34])).map(|(a, b)| a * b).sum();
+        let s: i32 = i8s(&wb[2..34])
+            .zip(i8s(&xb[2..34]))
+            .map(|(a, b)| a * b)
+            .sum();
         acc += rd_f16(wb, 0) * rd_f16(xb, 0) * s as f32;
     }
     acc
@@ -231,7 +242,10 @@ fn dot_q8_1(n: usize, w: &[u8], x: &[u8]) -> f32 {
     let mut acc = 0.0f32;
     for i in 0..nb {
         let (wb, xb) = (&w[i * 36..i * 36 + 36], &x[i * 36..i * 36 + 36]);
-        let s: i32 = i8s(&wb[4..36]).zip(i8s(&xb[4..36])).map(|(a, b)| a * b).sum();
+        let s: i32 = i8s(&wb[4..36])
+            .zip(i8s(&xb[4..36]))
+            .map(|(a, b)| a * b)
+            .sum();
         acc += rd_f16(wb, 0) * rd_f16(xb, 0) * s as f32;
     }
     acc
@@ -252,7 +266,10 @@ fn dot_q8k(n: usize, w: &[u8], x: &[u8]) -> f32 {
     let mut acc = 0.0f32;
     for i in 0..nb {
         let (wb, xb) = (&w[i * 292..i * 292 + 292], &x[i * 292..i * 292 + 292]);
-        let s: i32 = i8s(&wb[4..260]).zip(i8s(&xb[4..260])).map(|(a, b)| a * b).sum();
+        let s: i32 = i8s(&wb[4..260])
+            .zip(i8s(&xb[4..260]))
+            .map(|(a, b)| a * b)
+            .sum();
         acc += rd_f32(wb, 0) * rd_f32(xb, 0) * s as f32;
     }
     acc
@@ -279,7 +296,8 @@ fn dot_q2k(n: usize, w: &[u8], x: &[u8]) -> f32 {
                     let base = half * 128 + plane * 32 + sub * 16;
                     let mut s = 0i32;
                     for l in 0..16 {
-                        s += ((q[sub * 16 + l] >> (2 * plane)) & 3) as i32 * qx[base + l] as i8 as i32;
+                        s += ((q[sub * 16 + l] >> (2 * plane)) & 3) as i32
+                            * qx[base + l] as i8 as i32;
                     }
                     isum += (scales[is] & 0x0F) as i32 * s;
                 }
@@ -434,7 +452,12 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
     let mut s = [0.0f32; 4];
     let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for k in 0..4 {
             s[k] += x[k] * y[k];

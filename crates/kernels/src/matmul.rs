@@ -31,42 +31,75 @@ unsafe impl Sync for OutPtr {}
 
 impl QMatrix {
     /// Wrap raw row-major data; `data.len()` must be `rows * ty.row_bytes(cols)`.
-    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: Vec<u8>) -> Result<QMatrix, KernelError> {
+    pub fn new(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+    ) -> Result<QMatrix, KernelError> {
         let be = ty.block_elems();
-        let rb = ty
-            .row_bytes(cols)
-            .ok_or(KernelError::BadLength { expected: cols.div_ceil(be) * be, got: cols })?;
-        let expected = rb
-            .checked_mul(rows)
-            .ok_or(KernelError::BadLength { expected: usize::MAX, got: data.len() })?;
+        let rb = ty.row_bytes(cols).ok_or(KernelError::BadLength {
+            expected: cols.div_ceil(be) * be,
+            got: cols,
+        })?;
+        let expected = rb.checked_mul(rows).ok_or(KernelError::BadLength {
+            expected: usize::MAX,
+            got: data.len(),
+        })?;
         if data.len() != expected {
-            return Err(KernelError::BadLength { expected, got: data.len() });
+            return Err(KernelError::BadLength {
+                expected,
+                got: data.len(),
+            });
         }
-        Ok(QMatrix { ty, rows, cols, data })
+        Ok(QMatrix {
+            ty,
+            rows,
+            cols,
+            data,
+        })
     }
 
     /// Quantize `rows * cols` row-major values into a new matrix of type `ty`.
-    pub fn from_f32(ty: GgmlType, rows: usize, cols: usize, values: &[f32]) -> Result<QMatrix, KernelError> {
-        let n = rows
-            .checked_mul(cols)
-            .ok_or(KernelError::BadLength { expected: usize::MAX, got: values.len() })?;
+    pub fn from_f32(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        values: &[f32],
+    ) -> Result<QMatrix, KernelError> {
+        let n = rows.checked_mul(cols).ok_or(KernelError::BadLength {
+            expected: usize::MAX,
+            got: values.len(),
+        })?;
         if values.len() != n {
-            return Err(KernelError::BadLength { expected: n, got: values.len() });
+            return Err(KernelError::BadLength {
+                expected: n,
+                got: values.len(),
+            });
         }
         if !ty.can_quantize() {
-            return Err(KernelError::Unsupported { ty, op: "quantize_row" });
+            return Err(KernelError::Unsupported {
+                ty,
+                op: "quantize_row",
+            });
         }
         let be = ty.block_elems();
-        let rb = ty
-            .row_bytes(cols)
-            .ok_or(KernelError::BadLength { expected: cols.div_ceil(be) * be, got: cols })?;
+        let rb = ty.row_bytes(cols).ok_or(KernelError::BadLength {
+            expected: cols.div_ceil(be) * be,
+            got: cols,
+        })?;
         let mut data = vec![0u8; rb * rows];
         if rb > 0 {
             for (src, dst) in values.chunks_exact(cols).zip(data.chunks_exact_mut(rb)) {
                 quantize_row(ty, src, dst)?;
             }
         }
-        Ok(QMatrix { ty, rows, cols, data })
+        Ok(QMatrix {
+            ty,
+            rows,
+            cols,
+            data,
+        })
     }
 
     pub fn ty(&self) -> GgmlType {
@@ -123,10 +156,26 @@ impl QMatrix {
     ///
     /// # Panics
     /// If `x.len() < n_tokens * cols` or `y.len() < n_tokens * rows`.
-    pub fn matmul_with_scratch(&self, x: &[f32], n_tokens: usize, y: &mut [f32], scratch: &mut Vec<u8>) {
+    pub fn matmul_with_scratch(
+        &self,
+        x: &[f32],
+        n_tokens: usize,
+        y: &mut [f32],
+        scratch: &mut Vec<u8>,
+    ) {
         let (rows, cols) = (self.rows, self.cols);
-        assert!(x.len() >= n_tokens * cols, "matmul: x has {} values, need {}", x.len(), n_tokens * cols);
-        assert!(y.len() >= n_tokens * rows, "matmul: y has {} values, need {}", y.len(), n_tokens * rows);
+        assert!(
+            x.len() >= n_tokens * cols,
+            "matmul: x has {} values, need {}",
+            x.len(),
+            n_tokens * cols
+        );
+        assert!(
+            y.len() >= n_tokens * rows,
+            "matmul: y has {} values, need {}",
+            y.len(),
+            n_tokens * rows
+        );
         if n_tokens == 0 || rows == 0 {
             return;
         }
@@ -135,16 +184,25 @@ impl QMatrix {
             return;
         }
         let vt = self.ty.vec_dot_type();
-        let xrb = vt.row_bytes(cols).expect("cols is a whole number of blocks");
+        let xrb = vt
+            .row_bytes(cols)
+            .expect("cols is a whole number of blocks");
         scratch.clear();
         scratch.resize(n_tokens * xrb, 0);
-        for (src, dst) in x[..n_tokens * cols].chunks_exact(cols).zip(scratch.chunks_exact_mut(xrb)) {
+        for (src, dst) in x[..n_tokens * cols]
+            .chunks_exact(cols)
+            .zip(scratch.chunks_exact_mut(xrb))
+        {
             quantize_act(vt, src, dst).expect("activation quantization");
         }
         let xq: &[u8] = scratch;
         let out = OutPtr(y.as_mut_ptr());
         let work = rows.saturating_mul(cols).saturating_mul(n_tokens);
-        let threads = if work < MIN_PARALLEL_WORK || rows < 2 { 1 } else { rayon::current_num_threads() };
+        let threads = if work < MIN_PARALLEL_WORK || rows < 2 {
+            1
+        } else {
+            rayon::current_num_threads()
+        };
         if threads <= 1 {
             // SAFETY: y holds n_tokens*rows values (asserted above); single writer.
             unsafe { self.rows_into(0, rows, xq, xrb, n_tokens, out) };
@@ -168,7 +226,15 @@ impl QMatrix {
     /// # Safety
     /// `out` must point to at least `n_tokens * rows` f32s that no one else reads or writes at
     /// the indices touched here while this runs.
-    unsafe fn rows_into(&self, r0: usize, r1: usize, xq: &[u8], xrb: usize, n_tokens: usize, out: OutPtr) {
+    unsafe fn rows_into(
+        &self,
+        r0: usize,
+        r1: usize,
+        xq: &[u8],
+        xrb: usize,
+        n_tokens: usize,
+        out: OutPtr,
+    ) {
         let dot = dot_fn(self.ty);
         let (rows, cols) = (self.rows, self.cols);
         let wrb = self.row_bytes();
@@ -196,10 +262,16 @@ impl QMatrix {
                     let wrow = &self.data[r * wrb..(r + 1) * wrb];
                     let mut t = tt;
                     while t < tt_end {
-                        let nt = if multi.is_some() { (tt_end - t).min(4) } else { 1 };
+                        let nt = if multi.is_some() {
+                            (tt_end - t).min(4)
+                        } else {
+                            1
+                        };
                         let mut tmp = [0.0f32; 4];
                         match multi {
-                            Some(mf) => mf(cols, wrow, &xq[t * xrb..tt_end * xrb], xrb, &mut tmp[..nt]),
+                            Some(mf) => {
+                                mf(cols, wrow, &xq[t * xrb..tt_end * xrb], xrb, &mut tmp[..nt])
+                            }
                             None => tmp[0] = dot(cols, wrow, &xq[t * xrb..(t + 1) * xrb]),
                         }
                         for (k, v) in tmp[..nt].iter().enumerate() {

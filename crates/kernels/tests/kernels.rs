@@ -89,7 +89,10 @@ fn quant(ty: GgmlType, x: &[f32]) -> Vec<u8> {
 fn type_table() {
     for ty in GgmlType::ALL {
         assert_eq!(GgmlType::from_u32(ty.to_u32()), Some(ty));
-        assert_eq!(ty.row_bytes(ty.block_elems() * 3), Some(ty.block_bytes() * 3));
+        assert_eq!(
+            ty.row_bytes(ty.block_elems() * 3),
+            Some(ty.block_bytes() * 3)
+        );
         assert_eq!(ty.vec_dot_type().vec_dot_type(), ty.vec_dot_type());
     }
     assert_eq!(GgmlType::from_u32(4), None);
@@ -109,9 +112,21 @@ fn type_table() {
 fn errors() {
     let mut out = vec![0u8; 84];
     let e = quantize_row(GgmlType::Q2K, &[0.0; 256], &mut out).unwrap_err();
-    assert!(matches!(e, KernelError::Unsupported { ty: GgmlType::Q2K, .. }));
+    assert!(matches!(
+        e,
+        KernelError::Unsupported {
+            ty: GgmlType::Q2K,
+            ..
+        }
+    ));
     let e = quantize_row(GgmlType::Q8_0, &[0.0; 32], &mut out).unwrap_err();
-    assert_eq!(e, KernelError::BadLength { expected: 34, got: 84 });
+    assert_eq!(
+        e,
+        KernelError::BadLength {
+            expected: 34,
+            got: 84
+        }
+    );
     let mut y = [0.0f32; 40];
     assert!(dequantize_row(GgmlType::Q4_0, &[0u8; 18], &mut y).is_err());
     assert!(QMatrix::new(GgmlType::Q4_0, 2, 32, vec![0; 35]).is_err());
@@ -151,7 +166,12 @@ fn dequant_matches_gguf_py_fixtures() {
         let got = dequant(ty, raw, n);
         for i in 0..n {
             let tol = 1e-6 * exp[i].abs().max(1e-3);
-            assert!((got[i] - exp[i]).abs() <= tol, "{ty} elem {i}: got {} want {}", got[i], exp[i]);
+            assert!(
+                (got[i] - exp[i]).abs() <= tol,
+                "{ty} elem {i}: got {} want {}",
+                got[i],
+                exp[i]
+            );
         }
     }
 }
@@ -234,14 +254,23 @@ fn quantize_round_trips() {
                 emax = emax.max((a - b).abs());
             }
             let rms = (e2 / x2).sqrt();
-            assert!(emax <= max_tol * amax + 1e-12, "{ty} trial {trial}: max err {emax} vs amax {amax}");
-            assert!(rms <= rms_tol + 1e-12, "{ty} trial {trial}: rms rel err {rms}");
+            assert!(
+                emax <= max_tol * amax + 1e-12,
+                "{ty} trial {trial}: max err {emax} vs amax {amax}"
+            );
+            assert!(
+                rms <= rms_tol + 1e-12,
+                "{ty} trial {trial}: rms rel err {rms}"
+            );
         }
     }
     // All-zero input quantizes to zeros for every quantizable type.
     for ty in GgmlType::ALL.into_iter().filter(|t| t.can_quantize()) {
         let z = vec![0.0f32; 256];
-        assert!(dequant(ty, &quant(ty, &z), 256).iter().all(|&v| v == 0.0), "{ty}");
+        assert!(
+            dequant(ty, &quant(ty, &z), 256).iter().all(|&v| v == 0.0),
+            "{ty}"
+        );
     }
 }
 
@@ -252,7 +281,10 @@ fn q8_activation_sums() {
     let q = quant(GgmlType::Q8K, &x);
     for blk in q.chunks_exact(292) {
         for g in 0..16 {
-            let s: i32 = blk[4 + 16 * g..4 + 16 * g + 16].iter().map(|&v| v as i8 as i32).sum();
+            let s: i32 = blk[4 + 16 * g..4 + 16 * g + 16]
+                .iter()
+                .map(|&v| v as i8 as i32)
+                .sum();
             let b = i16::from_le_bytes([blk[260 + 2 * g], blk[261 + 2 * g]]) as i32;
             assert_eq!(s, b);
         }
@@ -262,7 +294,10 @@ fn q8_activation_sums() {
     for (blk, y) in q.chunks_exact(36).zip(deq.chunks_exact(32)) {
         let s = half::f16::from_bits(u16::from_le_bytes([blk[2], blk[3]])).to_f32();
         let want: f32 = y.iter().sum();
-        assert!((s - want).abs() <= 2e-3 * want.abs() + 1e-3, "s {s} want {want}");
+        assert!(
+            (s - want).abs() <= 2e-3 * want.abs() + 1e-3,
+            "s {s} want {want}"
+        );
     }
 }
 
@@ -282,10 +317,19 @@ fn check_dot_exact(ty: GgmlType, n: usize, w: &[u8], x: &[f32], what: &str) {
     let tol = rel * mag + 1e-6;
     let s = vec_dot_scalar(ty, n, w, &xq) as f64;
     let v = vec_dot(ty, n, w, &xq) as f64;
-    assert!((s - r).abs() <= tol, "{ty} {what} n={n}: scalar {s} ref {r} tol {tol}");
-    assert!((v - r).abs() <= tol, "{ty} {what} n={n}: simd {v} ref {r} tol {tol}");
+    assert!(
+        (s - r).abs() <= tol,
+        "{ty} {what} n={n}: scalar {s} ref {r} tol {tol}"
+    );
+    assert!(
+        (v - r).abs() <= tol,
+        "{ty} {what} n={n}: simd {v} ref {r} tol {tol}"
+    );
     // SIMD and scalar differ only by summation order.
-    assert!((v - s).abs() <= 2e-5 * mag + 1e-6, "{ty} {what} n={n}: simd {v} scalar {s}");
+    assert!(
+        (v - s).abs() <= 2e-5 * mag + 1e-6,
+        "{ty} {what} n={n}: simd {v} scalar {s}"
+    );
 }
 
 #[test]
@@ -326,7 +370,10 @@ fn vec_dot_quantized_weights_vs_f32() {
                 GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q6K => 0.04,
                 _ => 0.01,
             };
-            assert!((got - exact).abs() <= tol * norm, "{ty} n={n}: got {got} exact {exact} norm {norm}");
+            assert!(
+                (got - exact).abs() <= tol * norm,
+                "{ty} n={n}: got {got} exact {exact} norm {norm}"
+            );
         }
     }
 }
@@ -338,7 +385,10 @@ fn simd_matches_scalar_extreme_values() {
     for ty in WEIGHT_TYPES {
         let n = 512;
         let mut w = random_row(ty, n, &mut rng);
-        if !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8K) {
+        if !matches!(
+            ty,
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8K
+        ) {
             // Set every non-scale byte to 0xFF, keeping scales sane.
             w.iter_mut().for_each(|a| *a = 0xFF);
             let fix = random_row(ty, n, &mut rng);
@@ -348,7 +398,11 @@ fn simd_matches_scalar_extreme_values() {
                     GgmlType::Q2K => &[80, 81, 82, 83],
                     GgmlType::Q3K => &[108, 109],
                     GgmlType::Q6K => &[208, 209, 192, 193, 194],
-                    GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q8_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 1, 2, 3],
+                    GgmlType::Q4_1
+                    | GgmlType::Q5_1
+                    | GgmlType::Q8_1
+                    | GgmlType::Q4K
+                    | GgmlType::Q5K => &[0, 1, 2, 3],
                     _ => &[0, 1],
                 };
                 for &o in offs {
@@ -356,7 +410,9 @@ fn simd_matches_scalar_extreme_values() {
                 }
             }
         }
-        let x: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
+        let x: Vec<f32> = (0..n)
+            .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+            .collect();
         check_dot_exact(ty, n, &w, &x, "saturated");
     }
 }
@@ -365,9 +421,18 @@ fn simd_matches_scalar_extreme_values() {
 fn matmul_matches_vec_dot() {
     let mut rng = Rng::new(3);
     let pools = [
-        rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap(),
-        rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap(),
-        rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap(),
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap(),
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap(),
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap(),
     ];
     let cases = [
         (GgmlType::Q4_1, 37, 512),
@@ -388,7 +453,9 @@ fn matmul_matches_vec_dot() {
     ];
     let mut scratch = Vec::new();
     for (ty, rows, cols) in cases {
-        let data: Vec<u8> = (0..rows).flat_map(|_| random_row(ty, cols, &mut rng)).collect();
+        let data: Vec<u8> = (0..rows)
+            .flat_map(|_| random_row(ty, cols, &mut rng))
+            .collect();
         let m = QMatrix::new(ty, rows, cols, data).unwrap();
         for n_tokens in [1usize, 2, 3, 4, 5, 7, 33] {
             let x = rng.vec(n_tokens * cols, 1.0);
@@ -439,7 +506,14 @@ fn matmul_from_f32_close_to_exact() {
     let (rows, cols, nt) = (48, 512, 3);
     let wf = rng.vec(rows * cols, 0.2);
     let x = rng.vec(nt * cols, 1.0);
-    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K] {
+    for ty in [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+    ] {
         let m = QMatrix::from_f32(ty, rows, cols, &wf).unwrap();
         let mut y = vec![0.0f32; nt * rows];
         m.matmul(&x, nt, &mut y);
@@ -453,7 +527,11 @@ fn matmul_from_f32_close_to_exact() {
                     GgmlType::Q6K => 0.15,
                     _ => 0.5,
                 };
-                assert!((y[t * rows + r] - exact).abs() <= tol, "{ty} t{t} r{r}: {} vs {exact}", y[t * rows + r]);
+                assert!(
+                    (y[t * rows + r] - exact).abs() <= tol,
+                    "{ty} t{t} r{r}: {} vs {exact}",
+                    y[t * rows + r]
+                );
             }
         }
     }
@@ -467,7 +545,10 @@ fn f32_helpers() {
         let b = rng.vec(n + 3, 1.0);
         let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
         assert!((dot_f32(&a, &b) as f64 - want).abs() < 1e-4, "n={n}");
-        assert!((dot_f32_scalar(&a, &b[..n]) as f64 - want).abs() < 1e-4, "n={n}");
+        assert!(
+            (dot_f32_scalar(&a, &b[..n]) as f64 - want).abs() < 1e-4,
+            "n={n}"
+        );
         let mut y = b.clone();
         axpy_f32(0.5, &a, &mut y);
         for i in 0..n + 3 {
