@@ -135,10 +135,9 @@ unsafe fn q8_0_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_0_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
     let eight = _mm256_set1_epi8(8);
-    legacy_multi!(T, nb, w, x, stride, out, 18, 34, 2, false, true, |wb| _mm256_sub_epi8(
-        unpack_nibbles16(wb.add(2)),
-        eight
-    ))
+    legacy_multi!(T, nb, w, x, stride, out, 18, 34, 2, false, true, |wb| {
+        _mm256_sub_epi8(unpack_nibbles16(wb.add(2)), eight)
+    })
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

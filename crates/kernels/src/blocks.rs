@@ -37,13 +37,22 @@ pub(crate) fn k4_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
 }
 
 /// The 16 signed 6-bit scales (already minus 32) of a Q3_K `scales[12]` field.
+///
+/// Scale i has low 4 bits `s[i] & 15` (i < 8) or `s[i - 8] >> 4` (i >= 8) and high 2 bits
+/// `(s[8 + i % 4] >> (2 * (i / 4))) & 3`; decoded eight at a time in u64 lanes.
 #[inline(always)]
 pub(crate) fn q3k_scales(s: &[u8]) -> [i8; 16] {
+    let a = u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]);
+    let b = u32::from_le_bytes([s[8], s[9], s[10], s[11]]) as u64;
+    const M4: u64 = 0x0F0F_0F0F_0F0F_0F0F;
+    const M2: u64 = 0x0303_0303;
+    let hi0 = (b & M2) | (((b >> 2) & M2) << 32);
+    let hi1 = ((b >> 4) & M2) | (((b >> 6) & M2) << 32);
+    let r0 = (a & M4) | (hi0 << 4);
+    let r1 = ((a >> 4) & M4) | (hi1 << 4);
     let mut out = [0i8; 16];
-    for (i, o) in out.iter_mut().enumerate() {
-        let lo = if i < 8 { s[i] & 0x0F } else { s[i - 8] >> 4 };
-        let hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
-        *o = ((lo | (hi << 4)) as i8) - 32;
+    for (o, v) in out.iter_mut().zip(r0.to_le_bytes().into_iter().chain(r1.to_le_bytes())) {
+        *o = (v as i8).wrapping_sub(32);
     }
     out
 }

@@ -8,6 +8,17 @@
 //!   picked at run time on x86-64 (scalar reference: [`vec_dot_scalar`]).
 //! * [`QMatrix`]: a quantized weight matrix with a tiled, rayon-parallel matmul.
 //! * [`dot_f32`] / [`axpy_f32`]: f32 helpers for attention.
+//!
+//! SIMD: on x86-64 with AVX2+FMA+F16C (detected once at run time, see [`simd_available`];
+//! the environment variable `SPECSWARM_KERNELS_NO_SIMD` forces scalar) every weight type has
+//! an AVX2 row kernel, and the legacy quants plus Q4_K/Q5_K/Q6_K also have multi-token kernels
+//! (one weight row against up to four activation rows) used by [`QMatrix::matmul`] when
+//! `n_tokens > 1`. Activation quantization to Q8_0/Q8_1/Q8_K inside the matmul is AVX2 too
+//! and byte-identical to [`quantize_row`].
+//!
+//! Q8_K activations use `d = amax / 127` (positive) with round-half-to-even; Q8_1's `s` is
+//! computed from the f16-rounded `d`. Both are internal formats (never read from files), so the
+//! choices only need to be self-consistent.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;

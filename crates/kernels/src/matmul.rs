@@ -135,9 +135,9 @@ impl QMatrix {
         }
         let xq: &[u8] = scratch;
         let out = OutPtr(y.as_mut_ptr());
-        let threads = rayon::current_num_threads();
         let work = rows.saturating_mul(cols).saturating_mul(n_tokens);
-        if threads <= 1 || work < MIN_PARALLEL_WORK || rows < 2 {
+        let threads = if work < MIN_PARALLEL_WORK || rows < 2 { 1 } else { rayon::current_num_threads() };
+        if threads <= 1 {
             // SAFETY: y holds n_tokens*rows values (asserted above); single writer.
             unsafe { self.rows_into(0, rows, xq, xrb, n_tokens, out) };
             return;

@@ -405,8 +405,11 @@ fn matmul_matches_vec_dot() {
                 let mut y = vec![f32::NAN; n_tokens * rows];
                 pool.install(|| m.matmul(&x, n_tokens, &mut y));
                 let th = pool.current_num_threads();
-                if n_tokens == 1 {
-                    assert_eq!(y, want, "{ty} {rows}x{cols} threads={th}");
+                // Batch invariance: every token's row equals that token computed alone.
+                for t in 0..n_tokens {
+                    let mut alone = vec![f32::NAN; rows];
+                    pool.install(|| m.matmul(&x[t * cols..(t + 1) * cols], 1, &mut alone));
+                    assert_eq!(alone, y[t * rows..(t + 1) * rows], "{ty} {rows}x{cols} t={t}/{n_tokens} threads={th}");
                 }
                 for i in 0..y.len() {
                     // Multi-token kernels may sum in a different order than the 1-token ones.
