@@ -11,6 +11,7 @@
 //! The invariant, tested in `tests/`: greedy speculative output is token-for-token the plain
 //! greedy output of the target, and sampled output has exactly the target's distribution.
 
+pub mod drafter;
 pub mod tree;
 
 /// Why speculation was refused.

@@ -1,0 +1,56 @@
+//! Drafters: cheap proposers of continuations, behind one trait.
+
+use crate::SpecError;
+use crate::tree::DraftTree;
+
+/// How much a drafter may propose this round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DraftBudget {
+    /// Most nodes in the tree (B). A chain uses `max_nodes == max_depth`.
+    pub max_nodes: usize,
+    /// Deepest node (γ for a chain).
+    pub max_depth: usize,
+    /// Most children per node (1: a chain).
+    pub max_branch: usize,
+}
+
+impl DraftBudget {
+    pub fn chain(gamma: usize) -> DraftBudget {
+        DraftBudget { max_nodes: gamma, max_depth: gamma, max_branch: 1 }
+    }
+
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.max_nodes == 0 || self.max_depth == 0 || self.max_branch == 0 {
+            return Err(SpecError::InvalidSetting(format!(
+                "draft budget must be positive (tree budget B={}, depth={}, branching={})",
+                self.max_nodes, self.max_depth, self.max_branch
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A proposer of draft tokens for one session.
+///
+/// Each round the decoder calls [`Drafter::propose`] with the whole sequence so far (prompt and
+/// accepted tokens; its last token is the root the tree continues), then [`Drafter::observe`]
+/// with the sequence after verification. A drafter with state (a draft model's KV cache) keeps
+/// it consistent with the sequences it is shown: it may assume each new sequence extends a prefix
+/// of the previous one.
+pub trait Drafter: Send {
+    /// Short name for reports ("ngram", "suffix", "self:8", "model:…").
+    fn name(&self) -> String;
+
+    /// Propose a tree continuing `seq` (non-empty) within `budget`. An empty tree means "no
+    /// proposal this round" (the decoder then verifies the root alone).
+    fn propose(&mut self, seq: &[u32], budget: &DraftBudget) -> Result<DraftTree, SpecError>;
+
+    /// The sequence after a round (accepted tokens and the target's own next token appended).
+    fn observe(&mut self, _seq: &[u32]) {}
+
+    /// Whether [`DraftTree::probs`] are the drafter's sampling probabilities (so the classic
+    /// min(1, p/q) rule can be used for stochastic chains).
+    fn has_probabilities(&self) -> bool {
+        false
+    }
+}
