@@ -102,6 +102,22 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Speculative decoding with this drafter: ngram, suffix, self:K (the target's first K
+    /// layers) or model:PATH_OR_NAME (a smaller model with the same vocabulary).
+    #[arg(long)]
+    pub draft: Option<String>,
+    /// Tree node budget B per round (default: the draft length, i.e. a chain).
+    #[arg(long)]
+    pub tree_budget: Option<usize>,
+    /// Draft depth γ per round.
+    #[arg(long)]
+    pub draft_len: Option<usize>,
+    /// Most children per tree node (default 1 for a chain, 3 when --tree-budget exceeds --draft-len).
+    #[arg(long)]
+    pub branch: Option<usize>,
+    /// Choose chain/tree and sizes per round from measured acceptance (within the given limits).
+    #[arg(long)]
+    pub adaptive: bool,
 }
 
 impl GenerateArgs {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod speculate;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -69,7 +70,7 @@ pub(crate) fn resolve_model(spec: &str) -> Result<PathBuf> {
 }
 
 pub(crate) fn load_model(path: &std::path::Path, threads: usize) -> Result<ModelSlice> {
-    ModelSlice::load(path, &LoadOptions { layers: None, threads })
+    ModelSlice::load(path, &LoadOptions { layers: None, threads, ..Default::default() })
         .with_context(|| format!("loading {}", path.display()))
 }
 
@@ -102,14 +103,40 @@ fn cmd_generate(args: &GenerateArgs) -> Result<()> {
     let mut decoder = StreamDecoder::new(&tok, true);
     let mut stdout = std::io::stdout().lock();
     let stream = !args.json;
-    let (ids, finish, stats) = generate(&model, &prompt, args.max_tokens, &mut sampler, tok.stop_ids(), &mut |id| {
+    let mut emit = |id: u32| {
         if stream {
             let piece = decoder.push(id);
             let _ = stdout.write_all(piece.as_bytes());
             let _ = stdout.flush();
         }
         true
-    })?;
+    };
+    let mut spec_report = None;
+    let (ids, finish, stats) = match &args.draft {
+        None => generate(&model, &prompt, args.max_tokens, &mut sampler, tok.stop_ids(), &mut emit)?,
+        Some(name) => {
+            let mut drafter = speculate::drafter(name, &path, &model, args.threads)?;
+            let mut policy = speculate::policy(args)?;
+            let (ids, finish, s) = specswarm_spec::decode::generate_speculative(
+                &model,
+                drafter.as_mut(),
+                &mut policy,
+                &prompt,
+                args.max_tokens,
+                &mut sampler,
+                tok.stop_ids(),
+                &mut emit,
+            )?;
+            let plain = specswarm_engine::generate::GenerateStats {
+                prompt_tokens: s.prompt_tokens,
+                generated_tokens: s.generated_tokens,
+                prefill: s.prefill,
+                decode: s.decode,
+            };
+            spec_report = Some((drafter.name(), s));
+            (ids, finish, plain)
+        }
+    };
     let text = tok.decode(&ids, true);
     let finish = match finish {
         FinishReason::Stop => "stop",
@@ -129,10 +156,33 @@ fn cmd_generate(args: &GenerateArgs) -> Result<()> {
             "load_s": load_s,
             "threads": model.threads(),
         });
+        let mut out = out;
+        if let Some((name, s)) = &spec_report {
+            out["drafter"] = name.clone().into();
+            out["acceptance_rate"] = s.acceptance_rate().into();
+            out["tokens_per_round"] = s.tokens_per_round().into();
+            out["rounds"] = s.rounds.into();
+            out["drafted_nodes"] = s.drafted_nodes.into();
+            out["accepted_tokens"] = s.accepted_tokens.into();
+            out["draft_s"] = s.draft.as_secs_f64().into();
+            out["verify_s"] = s.verify.as_secs_f64().into();
+            // Whole-generation rate (speculation has no separate "first token" step).
+            out["decode_tokens_per_s"] = s.decode_tokens_per_s().into();
+        }
         println!("{out}");
     } else {
         let tail = decoder.finish();
         let _ = writeln!(stdout, "{tail}");
+        if let Some((name, s)) = &spec_report {
+            eprintln!(
+                "[speculative {name}: {} rounds, {:.2} tokens/round, acceptance {:.2}, draft {:.2}s, verify {:.2}s]",
+                s.rounds,
+                s.tokens_per_round(),
+                s.acceptance_rate(),
+                s.draft.as_secs_f64(),
+                s.verify.as_secs_f64()
+            );
+        }
         eprintln!(
             "[{} prompt tokens, prefill {:.1} tok/s | {} generated, decode {:.1} tok/s | finish: {finish} | {} threads]",
             stats.prompt_tokens,

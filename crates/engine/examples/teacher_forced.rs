@@ -4,7 +4,9 @@ use specswarm_engine::model::{Batch, LoadOptions, ModelSlice, StepInput, Want};
 
 fn main() {
     let a: Vec<String> = std::env::args().collect();
-    let model = ModelSlice::load(std::path::Path::new(&a[1]), &LoadOptions { layers: None, threads: 2 }).unwrap();
+    let model =
+        ModelSlice::load(std::path::Path::new(&a[1]), &LoadOptions { layers: None, threads: 2, ..Default::default() })
+            .unwrap();
     let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&a[2]).unwrap()).unwrap();
     let vocab = model.config().vocab_size;
     for case in fx["greedy"].as_array().unwrap() {

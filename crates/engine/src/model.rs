@@ -110,6 +110,9 @@ pub struct LoadOptions {
     pub layers: Option<Range<usize>>,
     /// Worker threads for this slice's compute (0: one per core).
     pub threads: usize,
+    /// Also load the final norm and LM head when the slice does not end at the last layer: the
+    /// target's own first K layers then form a self-draft model.
+    pub with_head: bool,
 }
 
 pub struct ModelSlice {
@@ -154,7 +157,7 @@ impl ModelSlice {
             progress(done, total);
         };
         let is_head = range.start == 0;
-        let is_tail = range.end == cfg.n_layers;
+        let is_tail = range.end == cfg.n_layers || opts.with_head;
         let embed = if is_head { Some(file.load_matrix("token_embd.weight", cfg.vocab_size, d)?) } else { None };
         tick(progress);
         let mut layers = Vec::with_capacity(range.len());

@@ -12,7 +12,7 @@ use specswarm_engine::model::{Batch, LoadOptions, ModelSlice, StepInput, Want};
 use specswarm_engine::sampling::Sampler;
 
 fn load(path: &Path) -> Result<ModelSlice, EngineError> {
-    ModelSlice::load(path, &LoadOptions { layers: None, threads: 1 })
+    ModelSlice::load(path, &LoadOptions { layers: None, threads: 1, ..Default::default() })
 }
 
 fn write_bytes(name: &str, bytes: &[u8]) -> std::path::PathBuf {
@@ -107,7 +107,8 @@ fn unknown_architecture_lists_supported() {
 fn bad_layer_range() {
     let path = Tiny::new("llama").write(5);
     for r in [3..3, 2..9] {
-        let err = ModelSlice::load(&path, &LoadOptions { layers: Some(r), threads: 1 }).unwrap_err();
+        let err =
+            ModelSlice::load(&path, &LoadOptions { layers: Some(r), threads: 1, ..Default::default() }).unwrap_err();
         assert!(matches!(err, EngineError::BadLayerRange { .. }), "{err}");
     }
 }

@@ -68,7 +68,7 @@ fn check_greedy(model: &str) {
     let path = real_model(model);
     let fx = fixture(model);
     let tok = Tokenizer::from_gguf(&path).unwrap();
-    let slice = ModelSlice::load(&path, &LoadOptions { layers: None, threads: 2 }).unwrap();
+    let slice = ModelSlice::load(&path, &LoadOptions { layers: None, threads: 2, ..Default::default() }).unwrap();
     let vocab = slice.config().vocab_size;
     let cases = fx["greedy"].as_array().unwrap();
     assert!(cases.len() >= 5, "at least 5 prompts per model");

@@ -8,7 +8,7 @@ use common::{TestRng, Tiny, max_rel_diff, real_model};
 use specswarm_engine::model::{Batch, LoadOptions, ModelSlice, StepInput, StepOutput, Want};
 
 fn load(path: &Path, layers: Option<std::ops::Range<usize>>) -> ModelSlice {
-    ModelSlice::load(path, &LoadOptions { layers, threads: 2 }).unwrap()
+    ModelSlice::load(path, &LoadOptions { layers, threads: 2, ..Default::default() }).unwrap()
 }
 
 fn causal<'a>(input: StepInput<'a>, positions: &'a [u32]) -> Batch<'a> {
@@ -188,7 +188,7 @@ fn gemma3_split_truncate_tree() {
 /// on the thread count), bit for bit. Speculative verification of k tokens relies on this to
 /// reproduce plain decoding exactly.
 fn check_batch_invariance(path: &Path) {
-    let one = ModelSlice::load(path, &LoadOptions { layers: None, threads: 1 }).unwrap();
+    let one = ModelSlice::load(path, &LoadOptions { layers: None, threads: 1, ..Default::default() }).unwrap();
     let two = load(path, None);
     let vocab = one.config().vocab_size;
     let ids = prompt(vocab, 19, 21);

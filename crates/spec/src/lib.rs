@@ -11,8 +11,11 @@
 //! The invariant, tested in `tests/`: greedy speculative output is token-for-token the plain
 //! greedy output of the target, and sampled output has exactly the target's distribution.
 
+pub mod decode;
 pub mod drafter;
+pub mod policy;
 pub mod tree;
+pub mod verify;
 
 /// Why speculation was refused.
 #[non_exhaustive]

@@ -89,8 +89,6 @@ impl DraftTree {
 
     /// Batch positions when the target's cache holds `committed` tokens.
     pub fn batch_positions(&self, committed: usize) -> Vec<u32> {
-        std::iter::once(committed as u32)
-            .chain((0..self.len()).map(|i| (committed + self.depth(i)) as u32))
-            .collect()
+        std::iter::once(committed as u32).chain((0..self.len()).map(|i| (committed + self.depth(i)) as u32)).collect()
     }
 }

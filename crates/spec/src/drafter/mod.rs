@@ -1,5 +1,7 @@
 //! Drafters: cheap proposers of continuations, behind one trait.
 
+pub mod model;
+
 use crate::SpecError;
 use crate::tree::DraftTree;
 

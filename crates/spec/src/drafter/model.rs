@@ -1,0 +1,139 @@
+//! Drafting with a model: a small model of the same family, or the target's own first K layers
+//! with its final norm and LM head (`self:K`).
+
+use std::path::Path;
+
+use specswarm_engine::kv::KvCache;
+use specswarm_engine::model::{Batch, LoadOptions, ModelSlice, StepInput, Want};
+
+use super::{DraftBudget, Drafter};
+use crate::SpecError;
+use crate::tree::DraftTree;
+
+/// A draft model with its own KV cache, kept in step with the sequences it is shown.
+pub struct ModelDrafter {
+    name: String,
+    model: ModelSlice,
+    kv: KvCache,
+    /// Tokens whose keys and values `kv` holds.
+    cached: Vec<u32>,
+    /// Stop extending the spine once its cumulative draft probability falls below this.
+    min_path_prob: f32,
+}
+
+impl ModelDrafter {
+    /// A separate draft model; its vocabulary must be the target's.
+    pub fn from_file(path: &Path, target_vocab: usize, threads: usize) -> Result<ModelDrafter, SpecError> {
+        let model = ModelSlice::load(path, &LoadOptions { layers: None, threads, with_head: true })?;
+        let vocab = model.config().vocab_size;
+        if vocab != target_vocab {
+            return Err(SpecError::VocabularyMismatch { draft: vocab, target: target_vocab });
+        }
+        Ok(Self::new(format!("model:{}", path.display()), model))
+    }
+
+    /// The target's first `k` layers plus its final norm and LM head.
+    pub fn self_draft(
+        target_path: &Path,
+        k: usize,
+        n_layers: usize,
+        threads: usize,
+    ) -> Result<ModelDrafter, SpecError> {
+        if k == 0 || k >= n_layers {
+            return Err(SpecError::InvalidSetting(format!(
+                "self-draft needs 1 <= K < {n_layers} (the target's layer count), got K = {k}"
+            )));
+        }
+        let model = ModelSlice::load(target_path, &LoadOptions { layers: Some(0..k), threads, with_head: true })?;
+        Ok(Self::new(format!("self:{k}"), model))
+    }
+
+    fn new(name: String, model: ModelSlice) -> ModelDrafter {
+        let kv = model.new_cache(model.config().context_len);
+        ModelDrafter { name, model, kv, cached: Vec::new(), min_path_prob: 0.05 }
+    }
+
+    /// Logits after `seq`, reusing the cached prefix.
+    fn sync(&mut self, seq: &[u32]) -> Result<Vec<f32>, SpecError> {
+        let common = self.cached.iter().zip(seq).take_while(|(a, b)| a == b).count().min(seq.len() - 1);
+        self.kv.truncate(common);
+        self.cached.truncate(common);
+        let feed = &seq[common..];
+        let pos: Vec<u32> = (common as u32..seq.len() as u32).collect();
+        let out = self.model.forward(
+            &mut self.kv,
+            &Batch { input: StepInput::Tokens(feed), positions: &pos, tree_parents: None },
+            Want::LastLogits,
+        )?;
+        self.cached.extend_from_slice(feed);
+        Ok(out.into_data())
+    }
+}
+
+/// Softmax probabilities of the `k` most likely tokens, best first.
+fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(idx.len());
+    idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    idx.into_iter().map(|i| (i, (f64::from(logits[i as usize] - max).exp() / z) as f32)).collect()
+}
+
+impl Drafter for ModelDrafter {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    /// A spine of the draft's most likely tokens, one draft forward per depth, with the runners-up
+    /// at each depth as leaf siblings, chosen best-first by cumulative draft probability.
+    fn propose(&mut self, seq: &[u32], budget: &DraftBudget) -> Result<DraftTree, SpecError> {
+        budget.validate()?;
+        let spine_len = budget.max_depth.min(budget.max_nodes);
+        let mut logits = self.sync(seq)?;
+        let mut spine: Vec<(u32, f32)> = Vec::new();
+        // (cumulative probability, spine depth it hangs from, token, probability)
+        let mut siblings: Vec<(f32, usize, u32, f32)> = Vec::new();
+        let mut path_prob = 1.0f32;
+        let limit = self.model.config().context_len;
+        for depth in 0..spine_len {
+            let cands = top_k(&logits, budget.max_branch.max(1));
+            let (tok, p) = cands[0];
+            for &(t, q) in &cands[1..] {
+                siblings.push((path_prob * q, depth, t, q));
+            }
+            spine.push((tok, p));
+            path_prob *= p;
+            if depth + 1 == spine_len || path_prob < self.min_path_prob || self.cached.len() + 1 >= limit {
+                break;
+            }
+            let pos = [self.cached.len() as u32];
+            logits = self
+                .model
+                .forward(
+                    &mut self.kv,
+                    &Batch { input: StepInput::Tokens(&[tok]), positions: &pos, tree_parents: None },
+                    Want::LastLogits,
+                )?
+                .into_data();
+            self.cached.push(tok);
+        }
+        let mut tree = DraftTree::default();
+        for (i, &(t, p)) in spine.iter().enumerate() {
+            tree.push(t, i as i32 - 1, p);
+        }
+        siblings.sort_by(|a, b| b.0.total_cmp(&a.0));
+        for &(_, depth, t, q) in siblings.iter().take(budget.max_nodes.saturating_sub(tree.len())) {
+            if depth < tree.len() {
+                tree.push(t, depth as i32 - 1, q);
+            }
+        }
+        Ok(tree)
+    }
+
+    fn has_probabilities(&self) -> bool {
+        true
+    }
+}

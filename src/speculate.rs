@@ -1,0 +1,41 @@
+//! Wiring speculative decoding into the CLI: drafter names and budgets.
+
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use specswarm_engine::model::ModelSlice;
+use specswarm_spec::drafter::model::ModelDrafter;
+use specswarm_spec::drafter::{DraftBudget, Drafter};
+use specswarm_spec::policy::{Policy, PolicyMode};
+
+use crate::cli::GenerateArgs;
+
+/// Build the drafter named by `--draft`.
+pub fn drafter(spec: &str, target_path: &Path, target: &ModelSlice, threads: usize) -> Result<Box<dyn Drafter>> {
+    let cfg = target.config();
+    Ok(match spec.split_once(':') {
+        Some(("self", k)) => {
+            let k: usize = k.parse().map_err(|_| anyhow::anyhow!("self:K needs a layer count, got {k:?}"))?;
+            Box::new(ModelDrafter::self_draft(target_path, k, cfg.n_layers, threads)?)
+        }
+        Some(("model", m)) => {
+            let path = crate::resolve_model(m)?;
+            Box::new(ModelDrafter::from_file(&path, cfg.vocab_size, threads)?)
+        }
+        _ => bail!("unknown drafter {spec:?}: use ngram, suffix, self:K or model:PATH_OR_NAME"),
+    })
+}
+
+/// The policy from `--draft-len`, `--tree-budget`, `--branch` and `--adaptive`.
+pub fn policy(args: &GenerateArgs) -> Result<Policy> {
+    let depth = args.draft_len.unwrap_or(5);
+    let nodes = args.tree_budget.unwrap_or(depth);
+    let branch = args.branch.unwrap_or(if nodes > depth { 3 } else { 1 });
+    let budget = DraftBudget { max_nodes: nodes, max_depth: depth, max_branch: branch };
+    budget.validate()?;
+    Ok(Policy::new(if args.adaptive {
+        PolicyMode::Adaptive { max_nodes: nodes.max(depth), max_depth: depth }
+    } else {
+        PolicyMode::Fixed(budget)
+    }))
+}
