@@ -678,7 +678,26 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-fn gelu_tanh(x: f32) -> f32 {
+fn gelu_tanh_exact(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+}
+
+/// GELU (tanh form) through a table indexed by the input rounded to f16, with the result
+/// rounded to f16, as the reference implementation evaluates it: ~20× cheaper than `tanh`, and
+/// numerically closer to llama.cpp.
+fn gelu_tanh(x: f32) -> f32 {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    if x <= -10.0 {
+        return 0.0;
+    }
+    if x >= 10.0 {
+        return x;
+    }
+    let table = TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| half::f16::from_f32(gelu_tanh_exact(half::f16::from_bits(bits).to_f32())).to_f32())
+            .collect()
+    });
+    table[half::f16::from_f32(x).to_bits() as usize]
 }

@@ -1,0 +1,118 @@
+//! The invariant: greedy speculative output is token-for-token the target's plain greedy output,
+//! for every drafter, chains and trees, on both real models.
+
+use std::path::PathBuf;
+
+use specswarm_engine::chat::{ChatMessage, ChatTemplate};
+use specswarm_engine::generate::generate;
+use specswarm_engine::hub;
+use specswarm_engine::model::{LoadOptions, ModelSlice};
+use specswarm_engine::sampling::Sampler;
+use specswarm_engine::tokenizer::Tokenizer;
+use specswarm_spec::decode::generate_speculative;
+use specswarm_spec::drafter::model::ModelDrafter;
+use specswarm_spec::drafter::{DraftBudget, Drafter};
+use specswarm_spec::policy::{Policy, PolicyMode};
+
+const MAX_TOKENS: usize = 32;
+
+/// 20 prompts: chat, code, and copy-heavy text.
+const PROMPTS: [&str; 20] = [
+    "What is the capital of France?",
+    "Give me three tips for staying focused.",
+    "Explain photosynthesis in one paragraph.",
+    "Write a haiku about the sea.",
+    "What are the primary colors?",
+    "How do I make a cup of tea?",
+    "Write a Python function that reverses a string.",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "fn main() {\n    let v = vec![1, 2, 3];\n    for x in v.iter() {\n",
+    "SELECT name, email FROM users WHERE",
+    "Write a JavaScript function to sum an array.",
+    "Repeat exactly: the quick brown fox jumps over the lazy dog. the quick brown fox jumps over",
+    "Copy this list: apple, banana, cherry, apple, banana, cherry, apple, banana,",
+    "{\"tool\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n{\"tool\": \"get_weather\", \"arguments\": {\"city\":",
+    "Summarize: The meeting was moved from Monday to Tuesday because the room was booked. The meeting was moved",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
+    "To be or not to be, that is the question. To be or not to be,",
+    "Translate to French: Good morning, how are you?",
+    "List the days of the week.",
+    "<html><body><h1>Title</h1><p>Text</p></body></html>\n<html><body><h1>",
+];
+
+fn model_path(name: &str) -> PathBuf {
+    hub::ensure(hub::known(name).unwrap(), &mut |m| eprintln!("{m}")).unwrap()
+}
+
+fn encode(path: &std::path::Path, tok: &Tokenizer, prompt: &str, arch: &str) -> Vec<u32> {
+    match ChatTemplate::from_gguf(path).unwrap() {
+        Some(t) => {
+            let text = t.render(&[ChatMessage { role: "user".into(), content: prompt.into() }], true).unwrap();
+            tok.encode(&text, false, true).unwrap()
+        }
+        None if arch == "gemma3" => tok.encode(prompt, true, false).unwrap(),
+        None => tok.encode(prompt, true, false).unwrap(),
+    }
+}
+
+fn check_model(name: &str, self_k: usize) {
+    let path = model_path(name);
+    let target = ModelSlice::load(&path, &LoadOptions { threads: 2, ..Default::default() }).unwrap();
+    let tok = Tokenizer::from_gguf(&path).unwrap();
+    let arch = target.config().arch_name.clone();
+    let n_layers = target.config().n_layers;
+    let vocab = target.config().vocab_size;
+    type Make = Box<dyn Fn() -> Box<dyn Drafter>>;
+    let (p1, p2) = (path.clone(), path.clone());
+    let drafters: Vec<(&str, Make, Vec<DraftBudget>)> = vec![
+        (
+            "self",
+            Box::new(move || Box::new(ModelDrafter::self_draft(&p1, self_k, n_layers, 1).unwrap()) as Box<dyn Drafter>),
+            vec![DraftBudget::chain(3), DraftBudget { max_nodes: 8, max_depth: 3, max_branch: 3 }],
+        ),
+        (
+            "model",
+            Box::new(move || Box::new(ModelDrafter::from_file(&p2, vocab, 1).unwrap()) as Box<dyn Drafter>),
+            vec![DraftBudget::chain(6), DraftBudget { max_nodes: 10, max_depth: 4, max_branch: 2 }],
+        ),
+    ];
+    for (i, prompt) in PROMPTS.iter().enumerate() {
+        let ids = encode(&path, &tok, prompt, &arch);
+        let mut sampler = Sampler::new(Default::default()).unwrap();
+        let (plain, _, _) = generate(&target, &ids, MAX_TOKENS, &mut sampler, &[], &mut |_| true).unwrap();
+        for (dname, make, budgets) in &drafters {
+            // Alternate budgets across prompts so chains and trees both meet every prompt kind.
+            let budget = budgets[i % budgets.len()];
+            let mut drafter = make();
+            let mut policy = Policy::new(PolicyMode::Fixed(budget));
+            let mut sampler = Sampler::new(Default::default()).unwrap();
+            let (spec, _, stats) = generate_speculative(
+                &target,
+                drafter.as_mut(),
+                &mut policy,
+                &ids,
+                MAX_TOKENS,
+                &mut sampler,
+                &[],
+                &mut |_| true,
+            )
+            .unwrap();
+            assert_eq!(spec, plain, "{name} prompt {i} drafter {dname} budget {budget:?}");
+            eprintln!(
+                "{name} prompt {i:2} {dname:<6} {budget:?}: acceptance {:.2}, {:.2} tokens/round",
+                stats.acceptance_rate(),
+                stats.tokens_per_round()
+            );
+        }
+    }
+}
+
+#[test]
+fn smollm2_greedy_speculative_equals_plain() {
+    check_model("smollm2-135m", 10);
+}
+
+#[test]
+fn gemma3_greedy_speculative_equals_plain() {
+    check_model("gemma3-270m", 6);
+}
