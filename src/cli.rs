@@ -48,6 +48,33 @@ pub enum ModelCommand {
 pub enum BenchCommand {
     /// Prefill (128 and 512 tokens) and decode (128 tokens) speed of the local engine.
     Engine(BenchEngineArgs),
+    /// Speculative decoding on the prompt suites: acceptance, tokens per round, and local speedup
+    /// over plain decoding (outputs are checked to be identical).
+    Spec(BenchSpecArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchSpecArgs {
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// Comma-separated drafters (ngram, suffix, self:K, model:PATH_OR_NAME).
+    #[arg(long, default_value = "ngram,suffix,self:8")]
+    pub drafters: String,
+    /// Comma-separated suites: chat, code, agentic, copy.
+    #[arg(long, default_value = "chat,code,agentic,copy")]
+    pub prompts: String,
+    #[arg(long, default_value_t = 96)]
+    pub max_tokens: usize,
+    /// Draft depth γ.
+    #[arg(long, default_value_t = 6)]
+    pub draft_len: usize,
+    /// Tree node budget B (equal to the draft length: a chain).
+    #[arg(long)]
+    pub tree_budget: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

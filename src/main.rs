@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod prompts;
 mod speculate;
 
 use std::io::Write;
