@@ -5,3 +5,4 @@
 //! [`limits`], with its unit last in its name.
 
 pub mod limits;
+pub mod wire;

@@ -26,3 +26,10 @@ pub const FORWARD_BATCH_TOKENS_MAX: usize = 8192;
 pub const GENERATE_TOKENS_MAX: usize = 1 << 20;
 /// Largest prompt we tokenize, in bytes.
 pub const PROMPT_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Largest payload of one stage-protocol frame (a prefill chunk of hidden states fits well).
+pub const FRAME_PAYLOAD_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Largest hidden dimension a frame may declare.
+pub const HIDDEN_DIM_MAX: usize = 65_536;
+/// Longest error message carried in a frame.
+pub const ERROR_MESSAGE_BYTES_MAX: usize = 4096;
