@@ -104,11 +104,17 @@ SMOL_CHATS = [
         {"role": "assistant", "content": "7"},
         {"role": "user", "content": "Now double it and explain."},
     ]),
+    ("chat_haiku", [{"role": "user", "content": "Write a haiku about autumn leaves."}]),
+    ("chat_code", [{"role": "user", "content": "Write a Python function that returns the largest element of a list."}]),
+    ("chat_tips", [{"role": "user", "content": "Give me three tips for better sleep."}]),
 ]
 SMOL_PLAIN = [
     ("code_fibonacci", "def fibonacci(n):"),
     ("copy_repeat", "one two three four five six seven eight nine ten. one two three four five six seven eight nine ten. one two three"),
     ("fact_water", "The chemical formula of water is"),
+    ("code_rust", "fn main() {\n    let numbers = vec![1, 2, 3, 4, 5];\n"),
+    ("list_colors", "Red, orange, yellow, green,"),
+    ("story_fox", "The quick brown fox"),
 ]
 GEMMA_PLAIN = [
     ("code_fibonacci", "def fibonacci(n):"),
@@ -117,6 +123,12 @@ GEMMA_PLAIN = [
     ("multilingual_fr", "Traduction en fran\u00e7ais : \"Good morning\" ->"),
     ("story", "Once upon a time, in a small village,"),
     ("json_obj", "{\"name\": \"Alice\", \"age\": 30, \"city\":"),
+    ("code_rust", "fn main() {\n    let numbers = vec![1, 2, 3, 4, 5];\n"),
+    ("fact_water", "The chemical formula of water is"),
+    ("list_colors", "Red, orange, yellow, green,"),
+    ("chat_turns", "<start_of_turn>user\nWhat is the capital of Japan?<end_of_turn>\n<start_of_turn>model\n"),
+    ("copy_repeat", "one two three four five six seven eight nine ten. one two three four five six seven eight nine ten. one two three"),
+    ("science", "Photosynthesis is the process by which"),
 ]
 
 SMOL_TEMPLATE_CASES = [
