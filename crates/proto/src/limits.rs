@@ -29,7 +29,7 @@ pub const PROMPT_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 /// Largest payload of one stage-protocol frame (a prefill chunk of hidden states fits well).
 pub const FRAME_PAYLOAD_BYTES_MAX: usize = 64 * 1024 * 1024;
-/// Largest hidden dimension a frame may declare.
-pub const HIDDEN_DIM_MAX: usize = 65_536;
+/// Widest row a frame may carry: a hidden state, or a row of logits (vocabularies reach ~262k).
+pub const ROW_VALUES_MAX: usize = 1 << 20;
 /// Longest error message carried in a frame.
 pub const ERROR_MESSAGE_BYTES_MAX: usize = 4096;

@@ -81,6 +81,11 @@ pub enum Message {
         len: u32,
     },
     Close,
+    /// Success of an `Open`, `Accept`, `Truncate` or `Close`; `committed` is the session's
+    /// committed token count afterwards.
+    Ack {
+        committed: u32,
+    },
     /// Hidden states or logits going back.
     Output {
         input: Input,
@@ -175,6 +180,7 @@ const KIND_TRUNCATE: u8 = 4;
 const KIND_CLOSE: u8 = 5;
 const KIND_OUTPUT: u8 = 6;
 const KIND_ERROR: u8 = 7;
+const KIND_ACK: u8 = 8;
 
 const INPUT_TOKENS: u8 = 0;
 const INPUT_HIDDEN: u8 = 1;
@@ -213,6 +219,10 @@ impl Frame {
                 KIND_TRUNCATE
             }
             Message::Close => KIND_CLOSE,
+            Message::Ack { committed } => {
+                put_u32(&mut p, *committed);
+                KIND_ACK
+            }
             Message::Output { input } => {
                 put_input(&mut p, input);
                 KIND_OUTPUT
@@ -312,6 +322,7 @@ impl Frame {
             KIND_ACCEPT => Message::Accept { path: r.u32s("path", limits::FORWARD_BATCH_TOKENS_MAX)? },
             KIND_TRUNCATE => Message::Truncate { len: r.u32()? },
             KIND_CLOSE => Message::Close,
+            KIND_ACK => Message::Ack { committed: r.u32()? },
             KIND_OUTPUT => Message::Output { input: r.input()? },
             KIND_ERROR => {
                 let code = ErrorCode::from_u16(u16::from_le_bytes([r.u8()?, r.u8()?]))?;
@@ -413,11 +424,11 @@ impl<'a> Reader<'a> {
                         max: limits::FORWARD_BATCH_TOKENS_MAX as u64,
                     });
                 }
-                if dim as usize > limits::HIDDEN_DIM_MAX {
+                if dim as usize > limits::ROW_VALUES_MAX {
                     return Err(WireError::TooLarge {
                         what: "hidden dim",
                         value: dim.into(),
-                        max: limits::HIDDEN_DIM_MAX as u64,
+                        max: limits::ROW_VALUES_MAX as u64,
                     });
                 }
                 let bytes = rows as usize * dim as usize * dtype.bytes();

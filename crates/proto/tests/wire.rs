@@ -16,6 +16,7 @@ fn frames() -> Vec<Frame> {
         f(Message::Accept { path: vec![0, 2] }),
         f(Message::Truncate { len: 17 }),
         f(Message::Close),
+        f(Message::Ack { committed: 99 }),
         f(Message::Output { input: Input::Hidden { dtype: Dtype::F32, rows: 1, dim: 2, data: vec![0; 8] } }),
         f(Message::Error { code: ErrorCode::StaleEpoch, message: "epoch 6 < 7".into() }),
     ]
@@ -64,7 +65,7 @@ fn oversized_lengths_are_refused_before_allocation() {
     };
     let mut b = fr.encode();
     let dim_at = HEADER_BYTES + 1 + 1 + 4;
-    b[dim_at..dim_at + 4].copy_from_slice(&((limits::HIDDEN_DIM_MAX + 1) as u32).to_le_bytes());
+    b[dim_at..dim_at + 4].copy_from_slice(&((limits::ROW_VALUES_MAX + 1) as u32).to_le_bytes());
     assert!(matches!(Frame::decode(&b), Err(WireError::TooLarge { what: "hidden dim", .. })));
 }
 

@@ -1,0 +1,23 @@
+//! The swarm side of specswarm.
+//!
+//! - [`stage`]: [`stage::StageServer`], one layer slice serving many sessions through the stage
+//!   protocol (`specswarm_proto::wire`), as a pure frame → frame function with bounds on sessions
+//!   and KV, epochs, explicit positions and typed errors.
+//! - [`ring`]: [`ring::RingClient`], a client session over an ordered ring of stages reached through
+//!   [`ring::StageLink`]s (in-process today; libp2p streams next).
+//!
+//! Not yet here (the swarm issue): libp2p transports and discovery, workers forwarding directly
+//! to the next stage and the tail returning to the client, routing, failover.
+
+pub mod ring;
+pub mod stage;
+
+/// The model id stages agree on: the sha256 of the GGUF file.
+pub fn model_id(path: &std::path::Path) -> std::io::Result<[u8; 32]> {
+    let hex = specswarm_engine::hub::sha256_file(path)?;
+    let mut id = [0u8; 32];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("sha256 hex");
+    }
+    Ok(id)
+}

@@ -1,0 +1,158 @@
+//! A ring of stages seen from the client: open a session on every stage, push batches through
+//! them in order, read the tail's logits, keep or roll back the KV on every stage.
+//!
+//! Stages are reached through [`StageLink`]s. [`LocalLink`] serves a [`StageServer`] in-process,
+//! through the full wire encoding (every frame is encoded to bytes and decoded again), so the
+//! protocol is exercised without a network; network links implement the same trait.
+
+use std::time::Instant;
+
+use specswarm_proto::wire::{Dtype, ErrorCode, Frame, Input, Message, WireError};
+
+use crate::stage::{StageServer, decode_hidden};
+
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    #[error("stage {stage} refused: {code:?}: {message}")]
+    Refused { stage: usize, code: ErrorCode, message: String },
+    #[error("stage {stage} sent a malformed frame: {source}")]
+    Wire { stage: usize, source: WireError },
+    #[error("stage {stage} is unreachable: {reason}")]
+    Unreachable { stage: usize, reason: String },
+    #[error("stage {stage} replied with an unexpected message")]
+    Unexpected { stage: usize },
+}
+
+/// One request/reply exchange with a stage.
+pub trait StageLink: Send {
+    /// Send `frame` bytes, return the reply bytes.
+    fn exchange(&mut self, frame: &[u8]) -> Result<Vec<u8>, String>;
+}
+
+/// A stage server in this process, reached through encoded frames.
+pub struct LocalLink(pub StageServer);
+
+impl StageLink for LocalLink {
+    fn exchange(&mut self, bytes: &[u8]) -> Result<Vec<u8>, String> {
+        let reply = match Frame::decode(bytes) {
+            Ok(frame) => self.0.handle(&frame, Instant::now()),
+            Err(e) => Frame {
+                session: 0,
+                epoch: 0,
+                seq: 0,
+                message: Message::Error { code: ErrorCode::Malformed, message: e.to_string() },
+            },
+        };
+        Ok(reply.encode())
+    }
+}
+
+/// Layer ranges and model id of the ring, in order, for `Open`.
+#[derive(Clone, Debug)]
+pub struct RingSpec {
+    pub model_id: [u8; 32],
+    pub ranges: Vec<(u32, u32)>,
+}
+
+/// A client session over a ring of stages.
+pub struct RingClient {
+    links: Vec<Box<dyn StageLink>>,
+    spec: RingSpec,
+    session: u64,
+    epoch: u32,
+    seq: u32,
+    committed: usize,
+}
+
+impl RingClient {
+    pub fn new(links: Vec<Box<dyn StageLink>>, spec: RingSpec, session: u64) -> RingClient {
+        assert_eq!(links.len(), spec.ranges.len(), "one link per stage");
+        RingClient { links, spec, session, epoch: 0, seq: 0, committed: 0 }
+    }
+
+    pub fn committed(&self) -> usize {
+        self.committed
+    }
+
+    fn call(&mut self, stage: usize, message: Message) -> Result<Message, RingError> {
+        self.seq = self.seq.wrapping_add(1);
+        let frame = Frame { session: self.session, epoch: self.epoch, seq: self.seq, message };
+        let reply =
+            self.links[stage].exchange(&frame.encode()).map_err(|reason| RingError::Unreachable { stage, reason })?;
+        let reply = Frame::decode(&reply).map_err(|source| RingError::Wire { stage, source })?;
+        match reply.message {
+            Message::Error { code, message } => Err(RingError::Refused { stage, code, message }),
+            m => Ok(m),
+        }
+    }
+
+    /// Open the session on every stage with a KV budget of `max_tokens`.
+    pub fn open(&mut self, max_tokens: u32) -> Result<(), RingError> {
+        for (i, &(start, end)) in self.spec.ranges.clone().iter().enumerate() {
+            self.call(i, Message::Open { model_id: self.spec.model_id, start, end, max_tokens })?;
+        }
+        self.committed = 0;
+        Ok(())
+    }
+
+    /// Run tokens through the ring; returns the tail's logits (last row of a causal batch, every
+    /// row of a tree batch), row-major f32.
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        positions: &[u32],
+        tree_parents: Option<&[i32]>,
+    ) -> Result<Vec<f32>, RingError> {
+        let mut input = Input::Tokens(tokens.to_vec());
+        for stage in 0..self.links.len() {
+            let msg = Message::Forward {
+                positions: positions.to_vec(),
+                tree_parents: tree_parents.map(<[i32]>::to_vec),
+                input,
+            };
+            match self.call(stage, msg)? {
+                Message::Output { input: out } => input = out,
+                _ => return Err(RingError::Unexpected { stage }),
+            }
+        }
+        if tree_parents.is_none() {
+            self.committed += tokens.len();
+        }
+        match input {
+            Input::Hidden { dtype, data, .. } => Ok(decode_hidden(dtype, &data)),
+            Input::Tokens(_) => Err(RingError::Unexpected { stage: self.links.len() - 1 }),
+        }
+    }
+
+    /// Keep one path of the last tree batch on every stage.
+    pub fn accept(&mut self, path: &[usize]) -> Result<(), RingError> {
+        let path: Vec<u32> = path.iter().map(|&i| i as u32).collect();
+        for stage in 0..self.links.len() {
+            self.call(stage, Message::Accept { path: path.clone() })?;
+        }
+        self.committed += path.len();
+        Ok(())
+    }
+
+    /// Roll every stage back to `len` committed tokens; later frames use a new epoch, so stale
+    /// in-flight frames of the old one are refused.
+    pub fn truncate(&mut self, len: usize) -> Result<(), RingError> {
+        self.epoch += 1;
+        for stage in 0..self.links.len() {
+            self.call(stage, Message::Truncate { len: len as u32 })?;
+        }
+        self.committed = len;
+        Ok(())
+    }
+
+    pub fn close(&mut self) -> Result<(), RingError> {
+        for stage in 0..self.links.len() {
+            self.call(stage, Message::Close)?;
+        }
+        Ok(())
+    }
+}
+
+/// The default hidden-state element type on the wire.
+pub const WIRE_DTYPE_DEFAULT: Dtype = Dtype::F32;

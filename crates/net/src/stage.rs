@@ -1,0 +1,263 @@
+//! A stage server: one layer slice serving many sessions through the stage protocol.
+//!
+//! [`StageServer::handle`] is a pure request → reply function over [`Frame`]s (no I/O), so the
+//! same logic runs behind any transport and is tested directly against hostile input.
+//!
+//! Rules (DESIGN §2):
+//! - `Open` reserves KV for a session; refused with `Capacity` past the session or KV limits, and
+//!   with `WrongModel` if the model hash or layer range is not this stage's.
+//! - Frames carry an epoch: a frame older than the session's epoch is refused with `StaleEpoch`
+//!   (the caller has rolled back past it); a newer one advances the session's epoch.
+//! - `Forward` positions must continue the session's cache (`PositionMismatch` otherwise, never a
+//!   silent recompute). The head takes token ids, other stages hidden states.
+//! - Outputs: hidden states from inner stages; from the tail, logits of the last row of a causal
+//!   batch or of every row of a tree batch.
+//! - Every failure is an `Error` reply; the server keeps serving its other sessions.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use half::{bf16, f16};
+use specswarm_engine::EngineError;
+use specswarm_engine::kv::KvCache;
+use specswarm_engine::model::{Batch, ModelSlice, StepInput, StepOutput, Want};
+use specswarm_proto::wire::{Dtype, ErrorCode, Frame, Input, Message};
+
+/// Bounds of one stage server.
+#[derive(Clone, Debug)]
+pub struct StageLimits {
+    pub sessions_max: usize,
+    /// KV tokens all sessions together may reserve.
+    pub kv_tokens_total_max: usize,
+    /// Sessions idle longer than this are closed by [`StageServer::evict_idle`].
+    pub session_idle_timeout: Duration,
+    /// Element type of hidden states sent downstream (F32 keeps the ring bit-identical to one
+    /// process; F16/BF16 halve the bytes).
+    pub hidden_dtype: Dtype,
+}
+
+impl Default for StageLimits {
+    fn default() -> Self {
+        StageLimits {
+            sessions_max: 64,
+            kv_tokens_total_max: 1 << 18,
+            session_idle_timeout: Duration::from_secs(300),
+            hidden_dtype: Dtype::F32,
+        }
+    }
+}
+
+struct Session {
+    kv: KvCache,
+    epoch: u32,
+    reserved_tokens: usize,
+    last_used: Instant,
+}
+
+pub struct StageServer {
+    slice: Arc<ModelSlice>,
+    model_id: [u8; 32],
+    limits: StageLimits,
+    sessions: HashMap<u64, Session>,
+    reserved_tokens: usize,
+}
+
+impl StageServer {
+    pub fn new(slice: Arc<ModelSlice>, model_id: [u8; 32], limits: StageLimits) -> StageServer {
+        StageServer { slice, model_id, limits, sessions: HashMap::new(), reserved_tokens: 0 }
+    }
+
+    pub fn slice(&self) -> &ModelSlice {
+        &self.slice
+    }
+
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// KV tokens reserved by open sessions.
+    pub fn reserved_tokens(&self) -> usize {
+        self.reserved_tokens
+    }
+
+    /// Bytes held by all sessions' KV caches.
+    pub fn kv_bytes(&self) -> usize {
+        self.sessions.values().map(|s| s.kv.bytes()).sum()
+    }
+
+    /// Close sessions idle for longer than the limit; returns how many.
+    pub fn evict_idle(&mut self, now: Instant) -> usize {
+        let timeout = self.limits.session_idle_timeout;
+        let stale: Vec<u64> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| now.duration_since(s.last_used) > timeout)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &stale {
+            self.close(*id);
+        }
+        stale.len()
+    }
+
+    fn close(&mut self, id: u64) -> bool {
+        match self.sessions.remove(&id) {
+            Some(s) => {
+                self.reserved_tokens -= s.reserved_tokens;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Handle one request frame and produce its reply.
+    pub fn handle(&mut self, frame: &Frame, now: Instant) -> Frame {
+        let message = match self.dispatch(frame, now) {
+            Ok(m) => m,
+            Err((code, message)) => Message::Error { code, message },
+        };
+        let epoch = self.sessions.get(&frame.session).map_or(frame.epoch, |s| s.epoch);
+        Frame { session: frame.session, epoch, seq: frame.seq, message }
+    }
+
+    fn dispatch(&mut self, frame: &Frame, now: Instant) -> Result<Message, (ErrorCode, String)> {
+        let id = frame.session;
+        if let Message::Open { model_id, start, end, max_tokens } = &frame.message {
+            let range = self.slice.layers();
+            if *model_id != self.model_id || (*start as usize, *end as usize) != (range.start, range.end) {
+                return Err((
+                    ErrorCode::WrongModel,
+                    format!("this stage serves layers {}..{} of another model or range", range.start, range.end),
+                ));
+            }
+            self.close(id);
+            let want = *max_tokens as usize;
+            if self.sessions.len() >= self.limits.sessions_max {
+                return Err((ErrorCode::Capacity, format!("{} sessions open (limit)", self.sessions.len())));
+            }
+            if self.reserved_tokens + want > self.limits.kv_tokens_total_max {
+                return Err((
+                    ErrorCode::Capacity,
+                    format!(
+                        "{want} KV tokens requested, {} of {} free",
+                        self.limits.kv_tokens_total_max - self.reserved_tokens,
+                        self.limits.kv_tokens_total_max
+                    ),
+                ));
+            }
+            let kv = self.slice.new_cache(want);
+            self.reserved_tokens += want;
+            self.sessions.insert(id, Session { kv, epoch: frame.epoch, reserved_tokens: want, last_used: now });
+            return Ok(Message::Ack { committed: 0 });
+        }
+        let session = self.sessions.get_mut(&id).ok_or((ErrorCode::UnknownSession, format!("no session {id:#x}")))?;
+        if frame.epoch < session.epoch {
+            return Err((
+                ErrorCode::StaleEpoch,
+                format!("epoch {} is older than the session's {}", frame.epoch, session.epoch),
+            ));
+        }
+        session.epoch = frame.epoch;
+        session.last_used = now;
+        match &frame.message {
+            Message::Forward { positions, tree_parents, input } => {
+                let hidden;
+                let input = match input {
+                    Input::Tokens(t) => StepInput::Tokens(t),
+                    Input::Hidden { dtype, rows, dim, data } => {
+                        if *dim as usize != self.slice.config().d_model || *rows as usize != positions.len() {
+                            return Err((
+                                ErrorCode::Malformed,
+                                format!(
+                                    "hidden input {rows}×{dim}, expected {}×{}",
+                                    positions.len(),
+                                    self.slice.config().d_model
+                                ),
+                            ));
+                        }
+                        hidden = decode_hidden(*dtype, data);
+                        StepInput::Hidden(&hidden)
+                    }
+                };
+                let want = match (self.slice.is_tail(), tree_parents.is_some()) {
+                    (false, _) => Want::Hidden,
+                    (true, false) => Want::LastLogits,
+                    (true, true) => Want::AllLogits,
+                };
+                let batch = Batch { input, positions, tree_parents: tree_parents.as_deref() };
+                let out = self.slice.forward(&mut session.kv, &batch, want).map_err(engine_error)?;
+                let dim = match &out {
+                    StepOutput::Hidden { .. } => self.slice.config().d_model,
+                    StepOutput::Logits { .. } => self.slice.config().vocab_size,
+                };
+                let (rows, data) = match out {
+                    StepOutput::Hidden { data, rows } | StepOutput::Logits { data, rows } => (rows, data),
+                };
+                let dtype = if want == Want::Hidden { self.limits.hidden_dtype } else { Dtype::F32 };
+                Ok(Message::Output {
+                    input: Input::Hidden {
+                        dtype,
+                        rows: rows as u32,
+                        dim: dim as u32,
+                        data: encode_hidden(dtype, &data),
+                    },
+                })
+            }
+            Message::Accept { path } => {
+                let path: Vec<usize> = path.iter().map(|&i| i as usize).collect();
+                session.kv.accept_path(&path).map_err(engine_error)?;
+                Ok(Message::Ack { committed: session.kv.len() as u32 })
+            }
+            Message::Truncate { len } => {
+                let len = *len as usize;
+                if len > session.kv.len() {
+                    return Err((
+                        ErrorCode::PositionMismatch,
+                        format!("cannot truncate to {len}: only {} tokens are committed", session.kv.len()),
+                    ));
+                }
+                session.kv.truncate(len);
+                Ok(Message::Ack { committed: len as u32 })
+            }
+            Message::Close => {
+                self.close(id);
+                Ok(Message::Ack { committed: 0 })
+            }
+            Message::Open { .. } => unreachable!("handled above"),
+            Message::Ack { .. } | Message::Output { .. } | Message::Error { .. } => {
+                Err((ErrorCode::Malformed, "a reply frame is not a request".into()))
+            }
+        }
+    }
+}
+
+fn engine_error(e: EngineError) -> (ErrorCode, String) {
+    let code = match &e {
+        EngineError::PositionMismatch { .. } => ErrorCode::PositionMismatch,
+        EngineError::KvBudgetExceeded { .. } | EngineError::ContextExceeded { .. } => ErrorCode::Capacity,
+        EngineError::BadBatch { .. } | EngineError::TokenOutOfRange { .. } | EngineError::WrongSliceRole { .. } => {
+            ErrorCode::Malformed
+        }
+        _ => ErrorCode::Internal,
+    };
+    (code, e.to_string())
+}
+
+/// Raw little-endian bytes of `dtype` → f32.
+pub fn decode_hidden(dtype: Dtype, data: &[u8]) -> Vec<f32> {
+    match dtype {
+        Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::Bf16 => data.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+    }
+}
+
+/// f32 → raw little-endian bytes of `dtype`.
+pub fn encode_hidden(dtype: Dtype, v: &[f32]) -> Vec<u8> {
+    match dtype {
+        Dtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Dtype::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect(),
+        Dtype::Bf16 => v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect(),
+    }
+}
