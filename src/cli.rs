@@ -24,11 +24,39 @@ pub enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
-    /// Pull the default model and run a few prompts, printing what ran where and how fast.
+    /// Pull the default model, start a local swarm of worker processes, and run a few prompts
+    /// through it, printing what ran where and how fast.
     Demo {
         #[arg(long, default_value_t = 48)]
         max_tokens: usize,
+        /// Number of worker processes (layer slices).
+        #[arg(long, default_value_t = 3)]
+        workers: usize,
     },
+    /// Serve a slice of a model's layers to the swarm.
+    Worker(WorkerArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// A known model name (pulled on first use) or a path to a GGUF file.
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// Layer range A:B (half-open); default: the whole model.
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// Address to listen on (port 0 picks a free one; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// Compute threads.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Most concurrent sessions.
+    #[arg(long, default_value_t = 64)]
+    pub sessions_max: usize,
+    /// Exit when standard input closes (the demo uses this so workers never outlive it).
+    #[arg(long)]
+    pub exit_on_stdin_eof: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -4,12 +4,13 @@ mod bench;
 mod cli;
 mod prompts;
 mod speculate;
+mod swarm;
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Parser;
 use specswarm_engine::chat::{ChatMessage, ChatTemplate};
 use specswarm_engine::generate::{FinishReason, generate};
@@ -61,7 +62,8 @@ fn run(cli: Cli) -> Result<()> {
         },
         Command::Generate(args) => cmd_generate(&args),
         Command::Bench { command } => bench::run(command),
-        Command::Demo { max_tokens } => cmd_demo(max_tokens),
+        Command::Demo { max_tokens, workers } => swarm::demo(max_tokens, workers),
+        Command::Worker(args) => swarm::worker(&args),
     }
 }
 
@@ -191,48 +193,6 @@ fn cmd_generate(args: &GenerateArgs) -> Result<()> {
             stats.generated_tokens,
             stats.decode_tokens_per_s(),
             model.threads()
-        );
-    }
-    Ok(())
-}
-
-fn cmd_demo(max_tokens: usize) -> Result<()> {
-    let name = hub::DEFAULT_MODEL;
-    eprintln!("== specswarm demo: model {name}");
-    let path = resolve_model(name)?;
-    let t = Instant::now();
-    let model = load_model(&path, 0)?;
-    let tok = Tokenizer::from_gguf(&path)?;
-    let cfg = model.config();
-    eprintln!(
-        "loaded {} ({} layers, d_model {}, vocab {}) in {:.2}s on {} threads",
-        path.display(),
-        cfg.n_layers,
-        cfg.d_model,
-        cfg.vocab_size,
-        t.elapsed().as_secs_f64(),
-        model.threads()
-    );
-    eprintln!("layers 0..{} run in this process (the multi-process swarm comes with the swarm issue)", cfg.n_layers);
-    let prompts = [
-        "What is the capital of France?",
-        "Write a Python function that reverses a string.",
-        "Give me three tips for staying focused.",
-    ];
-    for p in prompts {
-        let ids = encode_prompt(&path, &tok, p, true)?;
-        let mut sampler = Sampler::new(Default::default())?;
-        let (out, finish, stats) = generate(&model, &ids, max_tokens, &mut sampler, tok.stop_ids(), &mut |_| true)?;
-        if finish == FinishReason::Cancelled {
-            bail!("generation cancelled");
-        }
-        println!("\n> {p}\n{}", tok.decode(&out, true).trim());
-        println!(
-            "[{} prompt tokens at {:.0} tok/s, {} tokens at {:.1} tok/s]",
-            stats.prompt_tokens,
-            stats.prefill_tokens_per_s(),
-            stats.generated_tokens,
-            stats.decode_tokens_per_s()
         );
     }
     Ok(())

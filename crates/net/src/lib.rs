@@ -4,13 +4,15 @@
 //!   protocol (`specswarm_proto::wire`), as a pure frame → frame function with bounds on sessions
 //!   and KV, epochs, explicit positions and typed errors.
 //! - [`ring`]: [`ring::RingClient`], a client session over an ordered ring of stages reached through
-//!   [`ring::StageLink`]s (in-process today; libp2p streams next).
+//!   [`ring::StageLink`]s, and [`ring::generate_ring`].
+//! - [`tcp`]: frames over plain TCP (`specswarm worker` and the demo); libp2p streams next.
 //!
 //! Not yet here (the swarm issue): libp2p transports and discovery, workers forwarding directly
 //! to the next stage and the tail returning to the client, routing, failover.
 
 pub mod ring;
 pub mod stage;
+pub mod tcp;
 
 /// The model id stages agree on: the sha256 of the GGUF file.
 pub fn model_id(path: &std::path::Path) -> std::io::Result<[u8; 32]> {

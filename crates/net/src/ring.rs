@@ -156,3 +156,38 @@ impl RingClient {
 
 /// The default hidden-state element type on the wire.
 pub const WIRE_DTYPE_DEFAULT: Dtype = Dtype::F32;
+
+/// Plain decoding through a ring: the swarm counterpart of `specswarm_engine::generate::generate`
+/// (same sampler, same stop rule), for comparing the two.
+pub fn generate_ring(
+    ring: &mut RingClient,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampler: &mut specswarm_engine::sampling::Sampler,
+    stop_ids: &[u32],
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<(Vec<u32>, specswarm_engine::generate::GenerateStats), RingError> {
+    let mut stats = specswarm_engine::generate::GenerateStats { prompt_tokens: prompt.len(), ..Default::default() };
+    ring.open((prompt.len() + max_tokens) as u32)?;
+    let t0 = Instant::now();
+    let pos: Vec<u32> = (0..prompt.len() as u32).collect();
+    let mut logits = ring.forward(prompt, &pos, None)?;
+    stats.prefill = t0.elapsed();
+    let t1 = Instant::now();
+    let mut history = prompt.to_vec();
+    let mut out = Vec::new();
+    while out.len() < max_tokens {
+        let tok = sampler.sample(&logits, &history);
+        out.push(tok);
+        history.push(tok);
+        if stop_ids.contains(&tok) || !on_token(tok) || out.len() == max_tokens {
+            break;
+        }
+        let p = [ring.committed() as u32];
+        logits = ring.forward(&[tok], &p, None)?;
+    }
+    stats.decode = t1.elapsed();
+    stats.generated_tokens = out.len();
+    ring.close()?;
+    Ok((out, stats))
+}

@@ -1,0 +1,152 @@
+//! `specswarm worker` and the multi-process `specswarm demo`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use specswarm_engine::generate::generate;
+use specswarm_engine::hub;
+use specswarm_engine::model::{LoadOptions, ModelSlice};
+use specswarm_engine::sampling::Sampler;
+use specswarm_engine::tokenizer::Tokenizer;
+use specswarm_net::ring::{RingClient, RingSpec, StageLink, generate_ring};
+use specswarm_net::stage::{StageLimits, StageServer};
+use specswarm_net::tcp::{TcpLink, serve};
+
+use crate::cli::WorkerArgs;
+
+fn parse_layers(s: &str, n_layers: usize) -> Result<std::ops::Range<usize>> {
+    let (a, b) = s.split_once(':').context("--layers takes A:B")?;
+    let (a, b): (usize, usize) = (a.parse()?, b.parse()?);
+    if a >= b || b > n_layers {
+        bail!("--layers {a}:{b} is not a range inside 0:{n_layers}");
+    }
+    Ok(a..b)
+}
+
+pub fn worker(args: &WorkerArgs) -> Result<()> {
+    let path = crate::resolve_model(&args.model)?;
+    let file = specswarm_engine::gguf::GgufFile::open(&path)?;
+    let n_layers = specswarm_engine::config::ModelConfig::from_gguf(&file)?.n_layers;
+    let layers = match &args.layers {
+        Some(s) => parse_layers(s, n_layers)?,
+        None => 0..n_layers,
+    };
+    let t = Instant::now();
+    let slice = ModelSlice::load_with_progress(
+        &path,
+        &LoadOptions { layers: Some(layers.clone()), threads: args.threads, ..Default::default() },
+        &mut |done, total| eprint!("\rloading layers {}..{}: {done}/{total}", layers.start, layers.end),
+    )?;
+    eprintln!(" ({:.2}s)", t.elapsed().as_secs_f64());
+    let model_id = specswarm_net::model_id(&path)?;
+    let limits = StageLimits { sessions_max: args.sessions_max, ..StageLimits::default() };
+    let server = Arc::new(Mutex::new(StageServer::new(Arc::new(slice), model_id, limits)));
+    let listener = TcpListener::bind(&args.listen).with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    println!("listening {addr} layers {}:{}", layers.start, layers.end);
+    std::io::stdout().flush()?;
+    if args.exit_on_stdin_eof {
+        std::thread::spawn(|| {
+            let mut sink = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+            std::process::exit(0);
+        });
+    }
+    serve(listener, server)?;
+    Ok(())
+}
+
+/// Worker processes that are killed when dropped.
+struct Workers(Vec<Child>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn demo(max_tokens: usize, n_workers: usize) -> Result<()> {
+    let name = hub::DEFAULT_MODEL;
+    println!("== specswarm demo: {name} on a local swarm of {n_workers} worker processes");
+    let path = crate::resolve_model(name)?;
+    let tok = Tokenizer::from_gguf(&path)?;
+    let model_id = specswarm_net::model_id(&path)?;
+    let file = specswarm_engine::gguf::GgufFile::open(&path)?;
+    let n_layers = specswarm_engine::config::ModelConfig::from_gguf(&file)?.n_layers;
+    if n_workers == 0 || n_workers > n_layers {
+        bail!("--workers must be between 1 and {n_layers}");
+    }
+    let cuts: Vec<usize> = (0..=n_workers).map(|i| i * n_layers / n_workers).collect();
+    let exe = std::env::current_exe()?;
+    let mut workers = Workers(Vec::new());
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for w in cuts.windows(2) {
+        let mut child = Command::new(&exe)
+            .args(["worker", "--model"])
+            .arg(&path)
+            .args(["--layers", &format!("{}:{}", w[0], w[1]), "--threads", "1", "--exit-on-stdin-eof"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting a worker process")?;
+        let stdout = child.stdout.take().expect("piped");
+        workers.0.push(child);
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr: SocketAddr = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("worker did not report its address: {line:?}"))?;
+        println!(
+            "worker {} (pid {}): layers {:>2}..{:<2} at {addr}",
+            addrs.len() + 1,
+            workers.0.last().map_or(0, Child::id),
+            w[0],
+            w[1]
+        );
+        addrs.push(addr);
+    }
+    let mut links: Vec<Box<dyn StageLink>> = Vec::new();
+    for a in &addrs {
+        links.push(Box::new(TcpLink::connect(*a, Duration::from_secs(30), Duration::from_secs(60))?));
+    }
+    let ranges = cuts.windows(2).map(|w| (w[0] as u32, w[1] as u32)).collect();
+    let mut ring = RingClient::new(links, RingSpec { model_id, ranges }, 1);
+    let local = ModelSlice::load(&path, &LoadOptions { threads: 1, ..Default::default() })?;
+    let prompts = [
+        "What is the capital of France?",
+        "Write a Python function that reverses a string.",
+        "Give me three tips for staying focused.",
+    ];
+    for p in prompts {
+        let ids = crate::encode_prompt(&path, &tok, p, true)?;
+        let mut sampler = Sampler::new(Default::default())?;
+        let (out, stats) = generate_ring(&mut ring, &ids, max_tokens, &mut sampler, tok.stop_ids(), &mut |_| true)?;
+        let mut sampler = Sampler::new(Default::default())?;
+        let (reference, _, _) = generate(&local, &ids, max_tokens, &mut sampler, tok.stop_ids(), &mut |_| true)?;
+        println!("\n> {p}\n{}", tok.decode(&out, true).trim());
+        println!(
+            "[swarm: {} prompt tokens, {} generated at {:.1} tok/s through {n_workers} processes | identical to one process: {}]",
+            stats.prompt_tokens,
+            stats.generated_tokens,
+            stats.decode_tokens_per_s(),
+            if out == reference { "yes" } else { "NO" }
+        );
+        if out != reference {
+            bail!("the swarm's output differs from single-process output");
+        }
+    }
+    drop(workers);
+    println!("\nworkers stopped.");
+    Ok(())
+}
