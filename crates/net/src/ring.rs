@@ -75,6 +75,15 @@ impl RingClient {
         self.committed
     }
 
+    pub fn stages(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Put a new link in place of stage `stage` (after it failed).
+    pub fn replace_link(&mut self, stage: usize, link: Box<dyn StageLink>) {
+        self.links[stage] = link;
+    }
+
     fn call(&mut self, stage: usize, message: Message) -> Result<Message, RingError> {
         self.seq = self.seq.wrapping_add(1);
         let frame = Frame { session: self.session, epoch: self.epoch, seq: self.seq, message };
@@ -157,6 +166,70 @@ impl RingClient {
 /// The default hidden-state element type on the wire.
 pub const WIRE_DTYPE_DEFAULT: Dtype = Dtype::F32;
 
+/// Where replacements for failed stages come from.
+pub trait Router {
+    /// A link to another worker serving stage `stage`'s layer range, if any is available.
+    fn replacement(&mut self, stage: usize) -> Option<Box<dyn StageLink>>;
+}
+
+/// A router with no spares.
+pub struct NoSpares;
+
+impl Router for NoSpares {
+    fn replacement(&mut self, _stage: usize) -> Option<Box<dyn StageLink>> {
+        None
+    }
+}
+
+/// Which stage to blame for an error, if it is an operating failure (not a refusal).
+fn failed_stage(e: &RingError) -> Option<usize> {
+    match e {
+        RingError::Unreachable { stage, .. } | RingError::Wire { stage, .. } | RingError::Unexpected { stage } => {
+            Some(*stage)
+        }
+        // A stage that lost our session (restarted) is as good as gone.
+        RingError::Refused { stage, code: ErrorCode::UnknownSession, .. } => Some(*stage),
+        RingError::Refused { .. } => None,
+    }
+}
+
+/// Most replacements one request may use before it gives up.
+pub const FAILOVERS_PER_REQUEST_MAX: usize = 8;
+
+/// Run `step` on the ring; when a stage fails, swap in a replacement from `router`, rebuild the
+/// session on every stage by replaying `history` (the committed tokens), and run `step` again.
+/// Outputs are deterministic and batch-invariant, so the request continues with the same tokens.
+fn with_failover<T>(
+    ring: &mut RingClient,
+    router: &mut dyn Router,
+    budget: u32,
+    history: &[u32],
+    failovers: &mut usize,
+    mut step: impl FnMut(&mut RingClient) -> Result<T, RingError>,
+) -> Result<T, RingError> {
+    loop {
+        let err = match step(ring) {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let Some(stage) = failed_stage(&err) else { return Err(err) };
+        if *failovers >= FAILOVERS_PER_REQUEST_MAX {
+            return Err(err);
+        }
+        let Some(link) = router.replacement(stage) else { return Err(err) };
+        *failovers += 1;
+        ring.replace_link(stage, link);
+        // Rebuild: a fresh session everywhere (the survivors drop theirs), then the history.
+        let _ = ring.close();
+        ring.epoch += 1;
+        ring.open(budget)?;
+        if !history.is_empty() {
+            let pos: Vec<u32> = (0..history.len() as u32).collect();
+            ring.forward(history, &pos, None)?;
+        }
+    }
+}
+
 /// Plain decoding through a ring: the swarm counterpart of `specswarm_engine::generate::generate`
 /// (same sampler, same stop rule), for comparing the two.
 pub fn generate_ring(
@@ -167,27 +240,53 @@ pub fn generate_ring(
     stop_ids: &[u32],
     on_token: &mut dyn FnMut(u32) -> bool,
 ) -> Result<(Vec<u32>, specswarm_engine::generate::GenerateStats), RingError> {
+    generate_ring_failover(ring, &mut NoSpares, prompt, max_tokens, sampler, stop_ids, on_token).map(|(o, s, _)| (o, s))
+}
+
+/// [`generate_ring`] that survives failed stages: a stage that dies or stalls (the link's
+/// timeout) is replaced through `router`, its session rebuilt from the committed tokens, and the
+/// request finishes with the tokens it would have produced anyway. Returns the failovers used.
+pub fn generate_ring_failover(
+    ring: &mut RingClient,
+    router: &mut dyn Router,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampler: &mut specswarm_engine::sampling::Sampler,
+    stop_ids: &[u32],
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<(Vec<u32>, specswarm_engine::generate::GenerateStats, usize), RingError> {
     let mut stats = specswarm_engine::generate::GenerateStats { prompt_tokens: prompt.len(), ..Default::default() };
-    ring.open((prompt.len() + max_tokens) as u32)?;
+    let budget = (prompt.len() + max_tokens) as u32;
+    let mut failovers = 0;
+    with_failover(ring, router, budget, &[], &mut failovers, |r| r.open(budget))?;
     let t0 = Instant::now();
-    let pos: Vec<u32> = (0..prompt.len() as u32).collect();
-    let mut logits = ring.forward(prompt, &pos, None)?;
-    stats.prefill = t0.elapsed();
-    let t1 = Instant::now();
-    let mut history = prompt.to_vec();
+    let (body, last) = prompt.split_at(prompt.len() - 1);
+    let mut history: Vec<u32> = body.to_vec();
+    let mut next = last[0];
     let mut out = Vec::new();
-    while out.len() < max_tokens {
+    let mut first = true;
+    loop {
+        // Feed everything not yet committed (the whole prompt at first, then one token).
+        let feed: Vec<u32> = if first { prompt.to_vec() } else { vec![next] };
+        let committed = if first { 0 } else { history.len() };
+        let logits = with_failover(ring, router, budget, &history[..committed], &mut failovers, |r| {
+            let pos: Vec<u32> = (committed as u32..(committed + feed.len()) as u32).collect();
+            r.forward(&feed, &pos, None)
+        })?;
+        if first {
+            stats.prefill = t0.elapsed();
+            first = false;
+        }
+        history.push(next);
         let tok = sampler.sample(&logits, &history);
         out.push(tok);
-        history.push(tok);
+        next = tok;
         if stop_ids.contains(&tok) || !on_token(tok) || out.len() == max_tokens {
             break;
         }
-        let p = [ring.committed() as u32];
-        logits = ring.forward(&[tok], &p, None)?;
     }
-    stats.decode = t1.elapsed();
+    stats.decode = t0.elapsed() - stats.prefill;
     stats.generated_tokens = out.len();
-    ring.close()?;
-    Ok((out, stats))
+    let _ = ring.close();
+    Ok((out, stats, failovers))
 }
