@@ -13,6 +13,7 @@
 
 pub mod drafter;
 pub mod tree;
+pub mod verify;
 
 /// Why speculation was refused.
 #[non_exhaustive]
