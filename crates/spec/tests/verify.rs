@@ -196,15 +196,12 @@ fn first_two(emitted: &[u32], history: &[u32], s: &mut Sampler) -> (u32, u32) {
 // ---------------------------------------------------------------------------------------------
 // Fixed trees for the distribution tests
 
+/// Chooses a node's children from (its logits, its context, levels left).
+type Pick<'a> = dyn Fn(&[f32], &[u32], usize) -> Vec<u32> + 'a;
+
 /// Grow `depth` levels under `parent`, the children of each node chosen by `pick` from the logits
 /// (and context) at that node.
-fn grow(
-    tree: &mut DraftTree,
-    parent: i32,
-    ctx: &[u32],
-    depth: usize,
-    pick: &dyn Fn(&[f32], &[u32], usize) -> Vec<u32>,
-) {
+fn grow(tree: &mut DraftTree, parent: i32, ctx: &[u32], depth: usize, pick: &Pick<'_>) {
     if depth == 0 {
         return;
     }
@@ -418,21 +415,45 @@ fn spec_exec_emits_the_plain_sampled_stream() {
 // ---------------------------------------------------------------------------------------------
 // 3. The classic rule is distribution-exact for chains sampled from q ≠ p
 
-const GAMMA: usize = 3;
-
-fn draft_configs() -> Vec<(&'static str, SamplerConfig)> {
-    vec![("q T1", cfg(1.0, 0)), ("q T0.7 top_k3", cfg(0.7, 3)), ("q point mass", SamplerConfig::greedy())]
+/// How the drafter proposes a chain.
+#[derive(Clone)]
+struct Draft {
+    name: &'static str,
+    /// The drafter's sampler (greedy: q is a point mass on its argmax).
+    cfg: SamplerConfig,
+    gamma: usize,
+    /// Propose the target's second most likely token while reporting a q that excludes it (a
+    /// drafter whose token is not drawn from its q), exercising the point-mass fallback.
+    off_support: bool,
 }
 
-/// A chain of `GAMMA` tokens sampled from the drafter with `c`, and the drafter's distributions.
-fn draft_chain(c: &SamplerConfig, seed: u64) -> (DraftTree, Vec<Distribution>) {
-    let mut s = sampler(c, seed);
+fn drafts() -> Vec<Draft> {
+    let d = |name, cfg, gamma, off_support| Draft { name, cfg, gamma, off_support };
+    vec![
+        d("q T1, γ=3", cfg(1.0, 0), 3, false),
+        d("q T0.7 top_k3, γ=3", cfg(0.7, 3), 3, false),
+        d("q T1, γ=1 (bonus is t2)", cfg(1.0, 0), 1, false),
+        d("q point mass, γ=3", SamplerConfig::greedy(), 3, false),
+        d("x outside q, γ=2", SamplerConfig::greedy(), 2, true),
+    ]
+}
+
+/// A chain drafted as `draft` says, and the drafter's distributions.
+fn draft_chain(draft: &Draft, seed: u64) -> (DraftTree, Vec<Distribution>) {
+    let mut s = sampler(&draft.cfg, seed);
     let mut ctx = HISTORY.to_vec();
     let mut tree = DraftTree::default();
     let mut dists = Vec::new();
-    for i in 0..GAMMA {
+    for i in 0..draft.gamma {
         let d = s.distribution(&DRAFTER.logits(&ctx), &ctx);
-        let x = if c.is_greedy() { d.tokens[0] } else { s.sample_from(&d) };
+        let (x, d) = if draft.off_support {
+            let x = by_logit(&TARGET.logits(&ctx))[1];
+            (x, Distribution { tokens: vec![(x + 1) % V as u32], probs: vec![1.0] })
+        } else if draft.cfg.is_greedy() {
+            (d.tokens[0], d)
+        } else {
+            (s.sample_from(&d), d)
+        };
         tree.push(x, i as i32 - 1, d.prob(x));
         ctx.push(x);
         dists.push(d);
@@ -444,10 +465,11 @@ fn draft_chain(c: &SamplerConfig, seed: u64) -> (DraftTree, Vec<Distribution>) {
 fn classic_chain_rule_is_distribution_exact() {
     for (cname, c) in target_configs() {
         let exact = exact_joint(&TARGET, &c, &HISTORY);
-        for (qname, qc) in draft_configs() {
+        for draft in drafts() {
+            let qname = draft.name;
             let mut accepted = 0usize;
             let counts = empirical(2_000_000, |seed| {
-                let (tree, dists) = draft_chain(&qc, seed ^ 0xabcd_0000_0000);
+                let (tree, dists) = draft_chain(&draft, seed ^ 0xabcd_0000_0000);
                 let logits = TARGET.batch_logits(&tree, &HISTORY);
                 let mut s = sampler(&c, seed);
                 let v = verify_chain_stochastic(&tree, &dists, &logits, V, &HISTORY, &mut s);
@@ -497,7 +519,7 @@ fn classic_without_residual(
         }
         ctx.push(x);
     }
-    let p = s.distribution(&logits[GAMMA * V..], &ctx);
+    let p = s.distribution(&logits[tree.len() * V..], &ctx);
     ctx.push(s.sample_from(&p));
     ctx[history.len()..].to_vec()
 }
@@ -513,16 +535,17 @@ fn negative_controls_fail() {
             first_two(&accept_all(&bushy, &logits, &HISTORY, &mut s), &HISTORY, &mut s)
         });
         assert_inexact(&format!("accept-all [{cname}] bushy tree"), &counts, &exact);
-        for (qname, qc) in draft_configs().into_iter().take(2) {
+        for draft in drafts().into_iter().take(2) {
+            let qname = draft.name;
             let counts = empirical(4_000_000, |seed| {
-                let (tree, _) = draft_chain(&qc, seed ^ 0xabcd_0000_0000);
+                let (tree, _) = draft_chain(&draft, seed ^ 0xabcd_0000_0000);
                 let logits = TARGET.batch_logits(&tree, &HISTORY);
                 let mut s = sampler(&c, seed);
                 first_two(&accept_all(&tree, &logits, &HISTORY, &mut s), &HISTORY, &mut s)
             });
             assert_inexact(&format!("accept-all [{cname}] sampled chain {qname}"), &counts, &exact);
             let counts = empirical(5_000_000, |seed| {
-                let (tree, dists) = draft_chain(&qc, seed ^ 0xabcd_0000_0000);
+                let (tree, dists) = draft_chain(&draft, seed ^ 0xabcd_0000_0000);
                 let logits = TARGET.batch_logits(&tree, &HISTORY);
                 let mut s = sampler(&c, seed);
                 first_two(&classic_without_residual(&tree, &dists, &logits, &HISTORY, &mut s), &HISTORY, &mut s)
@@ -631,5 +654,5 @@ fn verify_tree_matches_brute_force_walker() {
 fn wrong_logits_shape_panics() {
     let tree = DraftTree::chain(&[1, 2]);
     let mut s = sampler(&cfg(1.0, 0), 0);
-    verify_tree(&tree, &vec![0.0; 2 * V], V, &HISTORY, &mut s);
+    verify_tree(&tree, &[0.0; 2 * V], V, &HISTORY, &mut s);
 }
