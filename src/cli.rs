@@ -79,6 +79,25 @@ pub enum BenchCommand {
     /// Speculative decoding on the prompt suites: acceptance, tokens per round, and local speedup
     /// over plain decoding (outputs are checked to be identical).
     Spec(BenchSpecArgs),
+    /// Plain (non-speculative) decoding through an in-process ring of N stages with emulated
+    /// one-way delay per hop, next to the ceilings computed from the measured compute time.
+    Swarm(BenchSwarmArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchSwarmArgs {
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// Comma-separated stage counts.
+    #[arg(long, default_value = "1,3,6")]
+    pub stages: String,
+    /// Comma-separated one-way delays per hop, in milliseconds.
+    #[arg(long, default_value = "0,10,25")]
+    pub latency_ms: String,
+    #[arg(long, default_value_t = 24)]
+    pub max_tokens: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -290,3 +290,18 @@ pub fn generate_ring_failover(
     let _ = ring.close();
     Ok((out, stats, failovers))
 }
+
+/// In-process WAN emulation: a link whose request and reply each take `one_way` to cross.
+pub struct DelayLink<L> {
+    pub inner: L,
+    pub one_way: std::time::Duration,
+}
+
+impl<L: StageLink> StageLink for DelayLink<L> {
+    fn exchange(&mut self, frame: &[u8]) -> Result<Vec<u8>, String> {
+        std::thread::sleep(self.one_way);
+        let reply = self.inner.exchange(frame);
+        std::thread::sleep(self.one_way);
+        reply
+    }
+}
