@@ -35,6 +35,11 @@ pub enum Command {
     },
     /// Serve a slice of a model's layers to the swarm.
     Worker(WorkerArgs),
+    /// WAN emulation between network namespaces (needs root).
+    Wan {
+        #[command(subcommand)]
+        command: WanCommand,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -57,6 +62,42 @@ pub struct WorkerArgs {
     /// Exit when standard input closes (the demo uses this so workers never outlive it).
     #[arg(long)]
     pub exit_on_stdin_eof: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WanCommand {
+    /// Create namespaces ssw1..sswN (10.77.0.i) joined through a delaying router; runs until
+    /// interrupted or until standard input closes, then deletes the namespaces.
+    Router {
+        #[arg(long, default_value_t = 2)]
+        hosts: usize,
+        /// One-way delay per link, milliseconds.
+        #[arg(long, default_value_t = 25.0)]
+        delay_ms: f64,
+        #[arg(long, default_value_t = 0.0)]
+        jitter_ms: f64,
+        /// Packet loss probability (0..1).
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// Link rate in kbit/s (0: unlimited).
+        #[arg(long, default_value_t = 0)]
+        rate_kbps: u64,
+        /// Also stop when standard input closes (for tests that own the process).
+        #[arg(long)]
+        exit_on_stdin_eof: bool,
+    },
+    /// Echo UDP datagrams (run inside a namespace with `ip netns exec`).
+    Echo {
+        #[arg(long)]
+        listen: String,
+    },
+    /// Measure UDP round trips to an echo server; prints JSON.
+    Ping {
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -64,6 +64,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { command } => bench::run(command),
         Command::Demo { max_tokens, workers } => swarm::demo(max_tokens, workers),
         Command::Worker(args) => swarm::worker(&args),
+        Command::Wan { command } => swarm::wan(&command),
     }
 }
 

@@ -150,3 +150,63 @@ pub fn demo(max_tokens: usize, n_workers: usize) -> Result<()> {
     println!("\nworkers stopped.");
     Ok(())
 }
+
+/// `specswarm wan …`
+pub fn wan(cmd: &crate::cli::WanCommand) -> Result<()> {
+    use crate::cli::WanCommand;
+    use specswarm_net::wan;
+    match cmd {
+        WanCommand::Router { hosts, delay_ms, jitter_ms, loss, rate_kbps, exit_on_stdin_eof } => {
+            let spec = wan::LinkSpec {
+                one_way: Duration::from_secs_f64(delay_ms / 1000.0),
+                jitter: Duration::from_secs_f64(jitter_ms / 1000.0),
+                loss: *loss,
+                rate_bps: rate_kbps * 1000,
+            };
+            let router = wan::WanRouter::start(*hosts, spec, 42).context("starting the WAN router (root is needed)")?;
+            println!(
+                "ready {} hosts: {}",
+                router.hosts(),
+                (1..=*hosts)
+                    .map(|i| format!("{}={}", wan::netns_name(i), wan::host_addr(i)))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            std::io::stdout().flush()?;
+            static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            extern "C" fn on_signal(_: libc::c_int) {
+                STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            // SAFETY: the handler only stores to an atomic.
+            unsafe {
+                libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+                libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+            }
+            if *exit_on_stdin_eof {
+                std::thread::spawn(|| {
+                    let mut sink = [0u8; 64];
+                    let mut stdin = std::io::stdin();
+                    while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+                    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+                });
+            }
+            while !STOP.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            drop(router);
+            Ok(())
+        }
+        WanCommand::Echo { listen } => Ok(wan::udp_echo(listen)?),
+        WanCommand::Ping { to, count } => {
+            let rtts = wan::udp_ping(to, *count, Duration::from_secs(2))?;
+            let mut ms: Vec<f64> = rtts.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+            ms.sort_by(f64::total_cmp);
+            let median = ms.get(ms.len() / 2).copied().unwrap_or(f64::NAN);
+            println!(
+                "{}",
+                serde_json::json!({ "to": to, "sent": count, "received": ms.len(), "median_ms": median, "rtts_ms": ms })
+            );
+            Ok(())
+        }
+    }
+}

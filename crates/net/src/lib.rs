@@ -6,6 +6,7 @@
 //! - [`ring`]: [`ring::RingClient`], a client session over an ordered ring of stages reached through
 //!   [`ring::StageLink`]s, and [`ring::generate_ring`].
 //! - [`tcp`]: frames over plain TCP (`specswarm worker` and the demo); libp2p streams next.
+//! - `wan` (Linux): user-space WAN emulation between network namespaces through TUN devices.
 //!
 //! Not yet here (the swarm issue): libp2p transports and discovery, workers forwarding directly
 //! to the next stage and the tail returning to the client, routing, failover.
@@ -13,6 +14,8 @@
 pub mod ring;
 pub mod stage;
 pub mod tcp;
+#[cfg(target_os = "linux")]
+pub mod wan;
 
 /// The model id stages agree on: the sha256 of the GGUF file.
 pub fn model_id(path: &std::path::Path) -> std::io::Result<[u8; 32]> {
