@@ -5,6 +5,8 @@ use std::path::Path;
 use anyhow::{Result, bail};
 use specswarm_engine::model::ModelSlice;
 use specswarm_spec::drafter::model::ModelDrafter;
+use specswarm_spec::drafter::ngram::NgramDrafter;
+use specswarm_spec::drafter::suffix::SuffixDrafter;
 use specswarm_spec::drafter::{DraftBudget, Drafter};
 use specswarm_spec::policy::{Policy, PolicyMode};
 
@@ -22,6 +24,8 @@ pub fn drafter(spec: &str, target_path: &Path, target: &ModelSlice, threads: usi
             let path = crate::resolve_model(m)?;
             Box::new(ModelDrafter::from_file(&path, cfg.vocab_size, threads)?)
         }
+        None if spec == "ngram" => Box::new(NgramDrafter::new(4, 1)),
+        None if spec == "suffix" => Box::new(SuffixDrafter::new(16, 1 << 20)),
         _ => bail!("unknown drafter {spec:?}: use ngram, suffix, self:K or model:PATH_OR_NAME"),
     })
 }

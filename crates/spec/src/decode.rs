@@ -160,6 +160,7 @@ pub fn generate_speculative(
     };
     stats.decode = t1.elapsed();
     stats.generated_tokens = out.len();
+    drafter.finish(&out);
     Ok((out, finish, stats))
 }
 

@@ -11,6 +11,8 @@ use specswarm_engine::sampling::Sampler;
 use specswarm_engine::tokenizer::Tokenizer;
 use specswarm_spec::decode::generate_speculative;
 use specswarm_spec::drafter::model::ModelDrafter;
+use specswarm_spec::drafter::ngram::NgramDrafter;
+use specswarm_spec::drafter::suffix::SuffixDrafter;
 use specswarm_spec::drafter::{DraftBudget, Drafter};
 use specswarm_spec::policy::{Policy, PolicyMode};
 
@@ -65,6 +67,16 @@ fn check_model(name: &str, self_k: usize) {
     type Make = Box<dyn Fn() -> Box<dyn Drafter>>;
     let (p1, p2) = (path.clone(), path.clone());
     let drafters: Vec<(&str, Make, Vec<DraftBudget>)> = vec![
+        (
+            "ngram",
+            Box::new(|| Box::new(NgramDrafter::new(4, 1)) as Box<dyn Drafter>),
+            vec![DraftBudget::chain(6), DraftBudget { max_nodes: 12, max_depth: 5, max_branch: 3 }],
+        ),
+        (
+            "suffix",
+            Box::new(|| Box::new(SuffixDrafter::new(16, 1 << 16)) as Box<dyn Drafter>),
+            vec![DraftBudget { max_nodes: 12, max_depth: 6, max_branch: 3 }, DraftBudget::chain(8)],
+        ),
         (
             "self",
             Box::new(move || Box::new(ModelDrafter::self_draft(&p1, self_k, n_layers, 1).unwrap()) as Box<dyn Drafter>),

@@ -1,6 +1,8 @@
 //! Drafters: cheap proposers of continuations, behind one trait.
 
 pub mod model;
+pub mod ngram;
+pub mod suffix;
 
 use crate::SpecError;
 use crate::tree::DraftTree;
@@ -49,6 +51,9 @@ pub trait Drafter: Send {
 
     /// The sequence after a round (accepted tokens and the target's own next token appended).
     fn observe(&mut self, _seq: &[u32]) {}
+
+    /// A request finished with `output`: drafters that learn from past outputs index it.
+    fn finish(&mut self, _output: &[u32]) {}
 
     /// Whether [`DraftTree::probs`] are the drafter's sampling probabilities (so the classic
     /// min(1, p/q) rule can be used for stochastic chains).
