@@ -122,7 +122,7 @@ fn grow(tree: &mut DraftTree, conts: &[Vec<u32>], members: &[usize], depth: usiz
             None => groups.push((t, vec![m])),
         }
     }
-    groups.sort_by(|a, b| b.1.len().cmp(&a.1.len()));
+    groups.sort_by_key(|g| std::cmp::Reverse(g.1.len()));
     let total: usize = groups.iter().map(|g| g.1.len()).sum();
     for (t, group) in groups.into_iter().take(budget.max_branch) {
         if tree.len() >= budget.max_nodes {
