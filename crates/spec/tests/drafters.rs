@@ -88,7 +88,7 @@ fn suffix_reuses_previous_outputs() {
 fn suffix_corpus_is_bounded() {
     let mut d = SuffixDrafter::new(8, 1000);
     for i in 0..100u32 {
-        d.finish(&vec![i; 50]);
+        d.finish(&[i; 50]);
     }
     assert!(d.corpus_tokens() <= 1000);
     let t0 = std::time::Instant::now();
