@@ -6,7 +6,7 @@
 
 use crate::avx2::{
     bits_to_bytes, hsum_ps, k4_scales_mins, ld_f16, ld_f16pairs_x4, ld_f16x4, ld128, ld256, mul_sum_u8_i8,
-    q8k_pair_sums, unpack_nibbles16,
+    mul_sum_u8_i8_vnni, q8k_pair_sums, unpack_nibbles16, vnni_available,
 };
 use crate::dot::{DotMultiFn, check_row};
 use crate::types::GgmlType;
@@ -42,7 +42,13 @@ pub(crate) fn dot_multi_fn(ty: GgmlType) -> Option<DotMultiFn> {
             f as DotMultiFn
         }};
     }
+    let vnni = vnni_available();
     Some(match ty {
+        GgmlType::Q4_0 if vnni => wrap!(GgmlType::Q4_0, q4_0_m_vnni),
+        GgmlType::Q4_1 if vnni => wrap!(GgmlType::Q4_1, q4_1_m_vnni),
+        GgmlType::Q5_0 if vnni => wrap!(GgmlType::Q5_0, q5_0_m_vnni),
+        GgmlType::Q5_1 if vnni => wrap!(GgmlType::Q5_1, q5_1_m_vnni),
+        GgmlType::Q8_0 if vnni => wrap!(GgmlType::Q8_0, q8_0_m_vnni),
         GgmlType::Q4_0 => wrap!(GgmlType::Q4_0, q4_0_m),
         GgmlType::Q4_1 => wrap!(GgmlType::Q4_1, q4_1_m),
         GgmlType::Q5_0 => wrap!(GgmlType::Q5_0, q5_0_m),
@@ -60,7 +66,7 @@ pub(crate) fn dot_multi_fn(ty: GgmlType) -> Option<DotMultiFn> {
 /// `(d, m)`, activation `(d, s)` at the block start and `m * s` is added per block.
 /// Blocks go four at a time with their scales converted together (as in the 1-token kernels).
 macro_rules! legacy_multi {
-    ($T:ident, $nb:expr, $w:expr, $x:expr, $stride:expr, $out:expr, $wbs:expr, $xbs:expr, $xqo:expr,
+    ($T:ident, $mul:ident, $nb:expr, $w:expr, $x:expr, $stride:expr, $out:expr, $wbs:expr, $xbs:expr, $xqo:expr,
      $has_m:expr, $signed:expr, |$wb:ident| $prep:expr) => {{
         let (nb, w, x, stride, out): (usize, *const u8, *const u8, usize, &mut [f32]) = ($nb, $w, $x, $stride, $out);
         let mut acc = [_mm256_setzero_ps(); $T];
@@ -95,7 +101,7 @@ macro_rules! legacy_multi {
                 for k in 0..4 {
                     let xv = ld256(xp.add(k * $xbs + $xqo));
                     let xv = if $signed { _mm256_sign_epi8(xv, q[k]) } else { xv };
-                    let p = mul_sum_u8_i8(qa[k], xv);
+                    let p = $mul(qa[k], xv);
                     acc[t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc, idx[k]), p, acc[t]);
                 }
             }
@@ -110,7 +116,7 @@ macro_rules! legacy_multi {
                 let xb = x.add(t * stride + i * $xbs);
                 let xv = ld256(xb.add($xqo));
                 let xv = if $signed { _mm256_sign_epi8(xv, q) } else { xv };
-                let p = mul_sum_u8_i8(qa, xv);
+                let p = $mul(qa, xv);
                 acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * ld_f16(xb)), p, acc[t]);
                 if $has_m {
                     summ[t] += ld_f16($wb.add(2)) * ld_f16(xb.add(2));
@@ -127,41 +133,37 @@ macro_rules! legacy_multi {
     }};
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
-    legacy_multi!(T, nb, w, x, stride, out, 34, 34, 2, false, true, |wb| ld256(wb.add(2)))
+/// Each legacy format's kernel twice: plain AVX2, and with AVX-VNNI for the integer dot products.
+macro_rules! legacy_kernel {
+    ($name:ident, $vnni:ident, $wbs:expr, $xbs:expr, $xqo:expr, $has_m:expr, $signed:expr,
+     [$($setup:stmt;)*] |$wb:ident| $prep:expr) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
+            $($setup)*
+            legacy_multi!(T, mul_sum_u8_i8, nb, w, x, stride, out, $wbs, $xbs, $xqo, $has_m, $signed, |$wb| $prep)
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+        unsafe fn $vnni<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
+            $($setup)*
+            legacy_multi!(T, mul_sum_u8_i8_vnni, nb, w, x, stride, out, $wbs, $xbs, $xqo, $has_m, $signed, |$wb| $prep)
+        }
+    };
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_0_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
-    let eight = _mm256_set1_epi8(8);
-    legacy_multi!(T, nb, w, x, stride, out, 18, 34, 2, false, true, |wb| {
-        _mm256_sub_epi8(unpack_nibbles16(wb.add(2)), eight)
-    })
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_1_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
-    legacy_multi!(T, nb, w, x, stride, out, 20, 36, 4, true, false, |wb| unpack_nibbles16(wb.add(4)))
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_0_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
-    let f0 = _mm256_set1_epi8(0xF0u8 as i8);
-    legacy_multi!(T, nb, w, x, stride, out, 22, 34, 2, false, true, |wb| {
-        let qh = (wb.add(2) as *const u32).read_unaligned();
-        _mm256_or_si256(unpack_nibbles16(wb.add(6)), _mm256_andnot_si256(bits_to_bytes(qh), f0))
-    })
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_1_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
-    let b4 = _mm256_set1_epi8(0x10);
-    legacy_multi!(T, nb, w, x, stride, out, 24, 36, 4, true, false, |wb| {
-        let qh = (wb.add(4) as *const u32).read_unaligned();
-        _mm256_or_si256(unpack_nibbles16(wb.add(8)), _mm256_and_si256(bits_to_bytes(qh), b4))
-    })
-}
+legacy_kernel!(q8_0_m, q8_0_m_vnni, 34, 34, 2, false, true, [] | wb | ld256(wb.add(2)));
+legacy_kernel!(q4_0_m, q4_0_m_vnni, 18, 34, 2, false, true, [let eight = _mm256_set1_epi8(8);] |wb| {
+    _mm256_sub_epi8(unpack_nibbles16(wb.add(2)), eight)
+});
+legacy_kernel!(q4_1_m, q4_1_m_vnni, 20, 36, 4, true, false, [] | wb | unpack_nibbles16(wb.add(4)));
+legacy_kernel!(q5_0_m, q5_0_m_vnni, 22, 34, 2, false, true, [let f0 = _mm256_set1_epi8(0xF0u8 as i8);] |wb| {
+    let qh = (wb.add(2) as *const u32).read_unaligned();
+    _mm256_or_si256(unpack_nibbles16(wb.add(6)), _mm256_andnot_si256(bits_to_bytes(qh), f0))
+});
+legacy_kernel!(q5_1_m, q5_1_m_vnni, 24, 36, 4, true, false, [let b4 = _mm256_set1_epi8(0x10);] |wb| {
+    let qh = (wb.add(4) as *const u32).read_unaligned();
+    _mm256_or_si256(unpack_nibbles16(wb.add(8)), _mm256_and_si256(bits_to_bytes(qh), b4))
+});
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
@@ -289,5 +291,57 @@ unsafe fn q6k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: u
     }
     for t in 0..T {
         out[t] = hsum_ps(acc[t]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The VNNI kernels must be bit-identical to the AVX2 ones (batch invariance and
+    /// reproducibility across CPUs depend on it).
+    #[test]
+    fn vnni_kernels_are_bit_identical() {
+        if !(crate::dot::simd_available() && vnni_available()) {
+            eprintln!("no AVX-VNNI here: skipped");
+            return;
+        }
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        type K = unsafe fn(usize, *const u8, *const u8, usize, &mut [f32]);
+        let pairs: [(GgmlType, K, K); 5] = [
+            (GgmlType::Q8_0, q8_0_m::<4>, q8_0_m_vnni::<4>),
+            (GgmlType::Q4_0, q4_0_m::<4>, q4_0_m_vnni::<4>),
+            (GgmlType::Q4_1, q4_1_m::<4>, q4_1_m_vnni::<4>),
+            (GgmlType::Q5_0, q5_0_m::<4>, q5_0_m_vnni::<4>),
+            (GgmlType::Q5_1, q5_1_m::<4>, q5_1_m_vnni::<4>),
+        ];
+        for (ty, plain, vnni) in pairs {
+            let n = 32 * 11;
+            let vals = |next: &mut dyn FnMut() -> u64, k: usize| -> Vec<f32> {
+                (0..k).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect()
+            };
+            let w_vals = vals(&mut next, n);
+            let mut w = vec![0u8; ty.row_bytes(n).unwrap()];
+            crate::quantize_row(ty, &w_vals, &mut w).unwrap();
+            let act = ty.vec_dot_type();
+            let xrb = act.row_bytes(n).unwrap();
+            let mut xs = vec![0u8; 4 * xrb];
+            for t in 0..4 {
+                crate::quantize_row(act, &vals(&mut next, n), &mut xs[t * xrb..(t + 1) * xrb]).unwrap();
+            }
+            let (mut a, mut b) = ([0f32; 4], [0f32; 4]);
+            // SAFETY: this CPU has the features (checked above) and the rows are complete.
+            unsafe {
+                plain(n / 32, w.as_ptr(), xs.as_ptr(), xrb, &mut a);
+                vnni(n / 32, w.as_ptr(), xs.as_ptr(), xrb, &mut b);
+            }
+            assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits), "{ty}");
+        }
     }
 }
