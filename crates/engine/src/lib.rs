@@ -19,6 +19,7 @@ pub mod gguf;
 pub mod hub;
 pub mod kv;
 pub mod model;
+pub mod rng;
 pub mod sampling;
 pub mod tokenizer;
 

@@ -1,70 +1,65 @@
-//! The seeded sampler chain.
+//! Deterministic, seeded token sampling.
 //!
-//! Order (vLLM / OpenAI semantics): penalties → temperature → top-k → top-p → min-p →
-//! renormalise. [`Sampler::distribution`] returns the exact post-chain distribution (the
-//! speculative verifier samples from it), [`Sampler::sample`] draws from it with one uniform
-//! number from a [`Rng`] whose stream is fixed forever for a given seed.
+//! # The sampler chain
+//!
+//! [`Sampler::distribution`] turns raw logits into the exact distribution a
+//! token is drawn from. The chain follows vLLM / OpenAI semantics and is applied
+//! in this fixed order:
+//!
+//! 1. **Penalties**, over the last `penalty_last_n` ids of `history` (ids outside
+//!    the vocabulary are ignored). For every token with `count > 0` in that window:
+//!    * repetition (CTRL / llama.cpp): `l = if l > 0 { l / rep } else { l * rep }`;
+//!    * then frequency and presence (OpenAI): `l -= count * freq + pres`.
+//! 2. **Sanitizing**: NaN logits become `-inf`, `+inf` becomes `f32::MAX`.
+//!    If every logit is `-inf` (or the vocabulary is empty) the result is token 0
+//!    with probability 1.
+//! 3. **Greedy** (`temperature == 0`): the argmax of the penalized logits, ties
+//!    to the lowest id, with probability 1. Nothing below applies.
+//! 4. **Temperature**: `s_i = (l_i - max l) / T`, weights `w_i = exp(s_i)` (f64).
+//!    Tokens with `s_i < -104` have `w_i < 2^-150` and hence probability exactly
+//!    0 in `f32`; they are dropped up front.
+//! 5. **Top-k** (`top_k > 0`): keep the `k` largest `s_i` (ties to the lowest id).
+//! 6. **Top-p**: with `Z` the total weight of the tokens kept so far, keep the
+//!    smallest prefix of the tokens (sorted by descending `s`, ties by id) whose
+//!    cumulative weight is `>= top_p * Z` (always at least one token).
+//! 7. **Min-p**: keep tokens with `p_i >= min_p * p_max`, where `p` is the
+//!    renormalized distribution after step 6. As `w_max = 1` this is `w_i >= min_p`.
+//! 8. **Renormalize**: `p_i = (w_i / Σ kept w) as f32`; tokens whose `f32`
+//!    probability is 0 are dropped; the list is sorted by descending `p`, ties by id.
+//!
+//! # Randomness
+//!
+//! A non-greedy draw consumes exactly **one** [`Rng::next_f64`] `u` and returns
+//! the first token of the sorted [`Distribution`] whose cumulative probability
+//! (summed in f64, in list order) exceeds `u` (the last token if rounding leaves
+//! the total below `u`). Greedy sampling consumes no randomness. Hence
+//! `sample(l, h)` and `sample_from(&distribution(l, h))` always agree and leave
+//! the RNG in the same state, which is what the speculative verifier relies on.
 
-use std::collections::HashMap;
+pub use crate::rng::Rng;
 
-/// xoshiro256** seeded through splitmix64. The output stream for a seed is part of our
-/// reproducibility contract: never change it.
-#[derive(Clone, Debug)]
-pub struct Rng {
-    s: [u64; 4],
-}
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        let mut z = seed;
-        let mut next = || {
-            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut x = z;
-            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            x ^ (x >> 31)
-        };
-        Rng { s: [next(), next(), next(), next()] }
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let s = &mut self.s;
-        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        result
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-}
-
+/// Sampling parameters. `Default` is greedy decoding; missing fields
+/// deserialize to their default values.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct SamplerConfig {
-    /// 0: greedy (argmax, ties to the lowest id).
+    /// `0` => greedy (argmax; ties -> lowest id). Must be in `[0, 100]`.
     pub temperature: f32,
-    /// 0: off.
+    /// `0` => off.
     pub top_k: usize,
-    /// 1: off.
+    /// `1.0` => off. Must be in `(0, 1]`.
     pub top_p: f32,
-    /// 0: off. Tokens with probability below `min_p × max probability` are dropped.
+    /// `0.0` => off; relative to the max probability after temperature. In `[0, 1]`.
     pub min_p: f32,
-    /// 1: off. For tokens in the window: logit > 0 ? logit / p : logit × p.
+    /// `1.0` => off; CTRL/llama.cpp style: `logit > 0 ? logit / pen : logit * pen`. Must be `> 0`.
     pub repetition_penalty: f32,
-    /// 0: off. logit −= count × f.
+    /// `0` => off; OpenAI style: `logit -= count * freq`.
     pub frequency_penalty: f32,
-    /// 0: off. logit −= p if the token occurred.
+    /// `0` => off; OpenAI style: `logit -= (count > 0) * pres`.
     pub presence_penalty: f32,
-    /// How many of the most recent history tokens the penalties look at (0: none).
+    /// Number of trailing history ids considered by the penalties (`0` = none).
     pub penalty_last_n: usize,
+    /// Seed of the sampler's [`Rng`].
     pub seed: u64,
 }
 
@@ -84,54 +79,56 @@ impl Default for SamplerConfig {
     }
 }
 
-#[non_exhaustive]
-#[derive(Debug, thiserror::Error)]
-pub enum SamplingError {
-    #[error("invalid {name} = {value}: expected {expected}")]
-    InvalidParameter { name: &'static str, value: f64, expected: &'static str },
-}
-
 impl SamplerConfig {
+    /// Greedy decoding with all filters and penalties off (same as `Default`).
     pub fn greedy() -> Self {
         Self::default()
     }
 
+    /// `true` when the sampler takes the argmax (`temperature == 0`).
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
+    }
+
+    /// Checks every parameter's range.
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        fn check(ok: bool, name: &'static str, value: f32, expected: &'static str) -> Result<(), SamplingError> {
+            if ok { Ok(()) } else { Err(SamplingError::InvalidParameter { name, value: f64::from(value), expected }) }
+        }
+        let t = self.temperature;
+        check((0.0..=100.0).contains(&t), "temperature", t, "a finite value in [0, 100]")?;
+        let p = self.top_p;
+        check(p > 0.0 && p <= 1.0, "top_p", p, "a value in (0, 1]")?;
+        let m = self.min_p;
+        check((0.0..=1.0).contains(&m), "min_p", m, "a value in [0, 1]")?;
+        let r = self.repetition_penalty;
+        check(r.is_finite() && r > 0.0, "repetition_penalty", r, "a finite value > 0")?;
+        let f = self.frequency_penalty;
+        check(f.is_finite(), "frequency_penalty", f, "a finite value")?;
+        let pr = self.presence_penalty;
+        check(pr.is_finite(), "presence_penalty", pr, "a finite value")?;
+        Ok(())
     }
 
     fn has_penalties(&self) -> bool {
         self.penalty_last_n > 0
             && (self.repetition_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0)
     }
-
-    pub fn validate(&self) -> Result<(), SamplingError> {
-        let bad =
-            |name, value: f32, expected| Err(SamplingError::InvalidParameter { name, value: value.into(), expected });
-        if !(self.temperature.is_finite() && (0.0..=100.0).contains(&self.temperature)) {
-            return bad("temperature", self.temperature, "a number in [0, 100]");
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad("top_p", self.top_p, "a number in (0, 1]");
-        }
-        if !(0.0..=1.0).contains(&self.min_p) {
-            return bad("min_p", self.min_p, "a number in [0, 1]");
-        }
-        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return bad("repetition_penalty", self.repetition_penalty, "a positive number");
-        }
-        if !self.frequency_penalty.is_finite() || self.frequency_penalty.abs() > 100.0 {
-            return bad("frequency_penalty", self.frequency_penalty, "a number in [-100, 100]");
-        }
-        if !self.presence_penalty.is_finite() || self.presence_penalty.abs() > 100.0 {
-            return bad("presence_penalty", self.presence_penalty, "a number in [-100, 100]");
-        }
-        Ok(())
-    }
 }
 
-/// A distribution after the whole chain: sorted by descending probability (ties by id), summing
-/// to 1.
+/// Errors from sampler construction.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum SamplingError {
+    /// A [`SamplerConfig`] field is out of range.
+    #[error("invalid sampling parameter {name} = {value}: expected {expected}")]
+    InvalidParameter { name: &'static str, value: f64, expected: &'static str },
+}
+
+/// The distribution after the whole chain: sparse (only tokens with non-zero
+/// probability), sorted by descending probability (ties by ascending id), with
+/// probabilities summing to 1 (up to `f32` rounding). Never empty when produced
+/// by [`Sampler::distribution`]; greedy gives one token with probability 1.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Distribution {
     pub tokens: Vec<u32>,
@@ -139,19 +136,147 @@ pub struct Distribution {
 }
 
 impl Distribution {
-    /// Probability of `token` (0 if it was cut).
+    fn single(token: u32) -> Distribution {
+        Distribution { tokens: vec![token], probs: vec![1.0] }
+    }
+
+    /// Probability of `token` (0 if absent). Linear scan.
+    /// Alias of [`Distribution::prob_of`].
     pub fn prob(&self, token: u32) -> f32 {
+        self.prob_of(token)
+    }
+
+    pub fn prob_of(&self, token: u32) -> f32 {
         self.tokens.iter().position(|&t| t == token).map_or(0.0, |i| self.probs[i])
+    }
+
+    /// Number of tokens with non-zero probability.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// `true` if there are no tokens (never for a chain output).
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Inverse CDF: first token whose cumulative probability (f64, list order)
+    /// exceeds `u`; the last token if none does; 0 if empty.
+    pub fn inverse_cdf(&self, u: f64) -> u32 {
+        let mut cum = 0.0f64;
+        for (&t, &p) in self.tokens.iter().zip(&self.probs) {
+            cum += f64::from(p);
+            if u < cum {
+                return t;
+            }
+        }
+        self.tokens.last().copied().unwrap_or(0)
     }
 }
 
+/// A configured, seeded sampler. See the [module docs](self) for the chain.
 #[derive(Clone, Debug)]
 pub struct Sampler {
     cfg: SamplerConfig,
     rng: Rng,
 }
 
+/// Tempered weights below `exp(PRUNE_S)` are < 2^-150 and round to probability 0 in f32.
+const PRUNE_S: f32 = -104.0;
+
+/// Order-preserving map from f32 (not NaN) to u32, ascending.
+#[inline]
+fn f32_ord(x: f32) -> u32 {
+    let b = (x + 0.0).to_bits(); // + 0.0 turns -0.0 into +0.0
+    if b & 0x8000_0000 != 0 { !b } else { b | 0x8000_0000 }
+}
+
+#[inline]
+fn f32_from_ord(o: u32) -> f32 {
+    f32::from_bits(if o & 0x8000_0000 != 0 { o & 0x7FFF_FFFF } else { !o })
+}
+
+/// Sort key: ascending key order == descending `s`, then ascending id.
+#[inline]
+fn key(s: f32, id: u32) -> u64 {
+    (u64::from(!f32_ord(s)) << 32) | u64::from(id)
+}
+
+#[inline]
+fn key_s(k: u64) -> f32 {
+    f32_from_ord(!((k >> 32) as u32))
+}
+
+#[inline]
+fn key_id(k: u64) -> u32 {
+    k as u32
+}
+
+#[inline]
+fn sanitize(l: f32) -> f32 {
+    if l.is_nan() {
+        f32::NEG_INFINITY
+    } else if l == f32::INFINITY {
+        f32::MAX
+    } else {
+        l
+    }
+}
+
+/// First index and value of the maximum of the sanitized `xs`; `None` if all
+/// are `-inf`/NaN (or `xs` is empty).
+fn argmax_slice(xs: &[f32]) -> Option<(usize, f32)> {
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for j in 0..LANES {
+            let v = sanitize(c[j]);
+            lanes[j] = if v > lanes[j] { v } else { lanes[j] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in lanes.iter().chain(rem) {
+        let v = sanitize(v);
+        if v > m {
+            m = v;
+        }
+    }
+    if m == f32::NEG_INFINITY {
+        return None;
+    }
+    xs.iter().position(|&x| sanitize(x) == m).map(|i| (i, m))
+}
+
+/// Iterates the penalized, sanitized logits in id order, merging with the
+/// sorted `(id, count)` list.
+fn for_each_logit(cfg: &SamplerConfig, logits: &[f32], counts: &[(u32, u32)], mut f: impl FnMut(u32, f32)) {
+    let mut next = counts.iter().peekable();
+    for (i, &l) in logits.iter().enumerate() {
+        let mut l = l;
+        if let Some(&&(id, c)) = next.peek()
+            && id as usize == i
+        {
+            next.next();
+            l = penalize(cfg, l, c);
+        }
+        f(i as u32, sanitize(l));
+    }
+}
+
+/// Applies the penalties for a token seen `count > 0` times in the window.
+#[inline]
+fn penalize(cfg: &SamplerConfig, mut l: f32, count: u32) -> f32 {
+    let rep = cfg.repetition_penalty;
+    if rep != 1.0 {
+        l = if l > 0.0 { l / rep } else { l * rep };
+    }
+    l - (count as f32 * cfg.frequency_penalty + cfg.presence_penalty)
+}
+
 impl Sampler {
+    /// Validates `cfg` and seeds the RNG with `cfg.seed`.
     pub fn new(cfg: SamplerConfig) -> Result<Sampler, SamplingError> {
         cfg.validate()?;
         let rng = Rng::new(cfg.seed);
@@ -166,100 +291,181 @@ impl Sampler {
         &mut self.rng
     }
 
-    /// Logits after the penalties (a copy only when a penalty applies).
-    fn penalised<'a>(&self, logits: &'a [f32], history: &[u32]) -> std::borrow::Cow<'a, [f32]> {
+    /// Sorted `(id, count)` over the penalty window; empty when penalties are off.
+    fn counts(&self, vocab: usize, history: &[u32]) -> Vec<(u32, u32)> {
         if !self.cfg.has_penalties() || history.is_empty() {
-            return std::borrow::Cow::Borrowed(logits);
+            return Vec::new();
         }
-        let window = &history[history.len().saturating_sub(self.cfg.penalty_last_n)..];
-        let mut counts: HashMap<u32, u32> = HashMap::new();
-        for &t in window {
-            *counts.entry(t).or_default() += 1;
-        }
-        let mut out = logits.to_vec();
-        for (&t, &c) in &counts {
-            let Some(l) = out.get_mut(t as usize) else { continue };
-            let r = self.cfg.repetition_penalty;
-            if r != 1.0 {
-                *l = if *l > 0.0 { *l / r } else { *l * r };
+        let start = history.len().saturating_sub(self.cfg.penalty_last_n);
+        let mut ids: Vec<u32> = history[start..].iter().copied().filter(|&t| (t as usize) < vocab).collect();
+        ids.sort_unstable();
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        for t in ids {
+            match out.last_mut() {
+                Some((id, c)) if *id == t => *c += 1,
+                _ => out.push((t, 1)),
             }
-            *l -= c as f32 * self.cfg.frequency_penalty + self.cfg.presence_penalty;
         }
-        std::borrow::Cow::Owned(out)
+        out
     }
 
-    /// The post-chain distribution for `logits` after `history`. Consumes no randomness.
+    /// The logits after penalties and sanitizing (NaN -> -inf, +inf -> f32::MAX),
+    /// i.e. step 1-2 of the chain. Mostly useful for tests and debugging.
+    pub fn penalized_logits(&self, logits: &[f32], history: &[u32]) -> Vec<f32> {
+        let counts = self.counts(logits.len(), history);
+        let mut out = Vec::with_capacity(logits.len());
+        for_each_logit(&self.cfg, logits, &counts, |_, l| out.push(l));
+        out
+    }
+
+    /// Argmax of the penalized logits (ties -> lowest id; all -inf -> 0). O(V):
+    /// vectorizable scans over the runs between penalized ids, which are
+    /// handled one by one, in id order.
+    fn argmax(&self, logits: &[f32], counts: &[(u32, u32)]) -> u32 {
+        let mut best = 0usize;
+        let mut best_l = f32::NEG_INFINITY;
+        let mut start = 0usize;
+        for &(id, c) in counts {
+            let id = id as usize;
+            if let Some((i, l)) = argmax_slice(&logits[start..id])
+                && l > best_l
+            {
+                (best, best_l) = (start + i, l);
+            }
+            let l = sanitize(penalize(&self.cfg, logits[id], c));
+            if l > best_l {
+                (best, best_l) = (id, l);
+            }
+            start = id + 1;
+        }
+        if let Some((i, l)) = argmax_slice(&logits[start..])
+            && l > best_l
+        {
+            best = start + i;
+        }
+        best as u32
+    }
+
+    /// Applies the whole chain to `logits` (length = vocabulary) given `history`
+    /// (prompt + generated ids, for the penalties). Consumes no randomness.
     pub fn distribution(&self, logits: &[f32], history: &[u32]) -> Distribution {
-        let logits = self.penalised(logits, history);
-        if self.cfg.is_greedy() {
-            return Distribution { tokens: vec![argmax(&logits)], probs: vec![1.0] };
+        let cfg = &self.cfg;
+        let counts = self.counts(logits.len(), history);
+        if cfg.is_greedy() {
+            return Distribution::single(self.argmax(logits, &counts));
         }
-        let clean = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, clean(l))).collect();
-        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if self.cfg.top_k > 0 && self.cfg.top_k < cand.len() {
-            cand.select_nth_unstable_by(self.cfg.top_k - 1, by_logit);
-            cand.truncate(self.cfg.top_k);
+
+        // Max of the penalized logits.
+        let mut m = f32::NEG_INFINITY;
+        for_each_logit(cfg, logits, &counts, |_, l| m = m.max(l));
+        if m == f32::NEG_INFINITY {
+            return Distribution::single(0);
         }
-        cand.sort_unstable_by(by_logit);
-        let max = cand[0].1;
-        if max == f32::NEG_INFINITY {
-            let lowest = cand.iter().map(|c| c.0).min().unwrap_or(0);
-            return Distribution { tokens: vec![lowest], probs: vec![1.0] };
+
+        // Temperature (+ pruning of exact zeros).
+        let t = cfg.temperature;
+        let mut cands: Vec<u64> = Vec::with_capacity(logits.len());
+        for_each_logit(cfg, logits, &counts, |i, l| {
+            let d = l - m;
+            let s = if d == 0.0 { 0.0 } else { d / t };
+            if s >= PRUNE_S {
+                cands.push(key(s, i));
+            }
+        });
+        // cands is non-empty: the max token has s == 0.
+
+        // Top-k.
+        if cfg.top_k > 0 && cfg.top_k < cands.len() {
+            cands.select_nth_unstable(cfg.top_k - 1);
+            cands.truncate(cfg.top_k);
         }
-        let t = f64::from(self.cfg.temperature);
-        let mut probs: Vec<f64> = cand.iter().map(|c| ((f64::from(c.1) - f64::from(max)) / t).exp()).collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        let mut keep = probs.len();
-        if self.cfg.top_p < 1.0 {
-            let mut acc = 0.0;
-            for (i, p) in probs.iter().enumerate() {
-                acc += p;
-                if acc >= f64::from(self.cfg.top_p) {
-                    keep = i + 1;
-                    break;
-                }
+
+        let w = |k: u64| f64::from(key_s(k)).exp();
+
+        // Top-p and min-p both keep a prefix of the sorted candidates.
+        let top_p_on = cfg.top_p < 1.0;
+        if top_p_on || cfg.min_p > 0.0 {
+            let z: f64 = if top_p_on { cands.iter().map(|&k| w(k)).sum() } else { 0.0 };
+            // Min-p first: it is a prefix filter and does not depend on Z.
+            if cfg.min_p > 0.0 {
+                let min_p = f64::from(cfg.min_p);
+                cands.retain(|&k| w(k) >= min_p);
+            }
+            if top_p_on {
+                let target = f64::from(cfg.top_p) * z;
+                let keep = nucleus_len(&mut cands, target, &w);
+                cands.truncate(keep);
             }
         }
-        if self.cfg.min_p > 0.0 {
-            let floor = probs[0] * f64::from(self.cfg.min_p);
-            keep = keep.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
+
+        // Renormalize and sort (by probability, ties by id).
+        let z: f64 = cands.iter().map(|&k| w(k)).sum();
+        let mut out: Vec<u64> = Vec::with_capacity(cands.len());
+        for &k in &cands {
+            let p = (w(k) / z) as f32;
+            if p > 0.0 {
+                out.push((u64::from(!p.to_bits()) << 32) | u64::from(key_id(k)));
+            }
         }
-        probs.truncate(keep);
-        let total: f64 = probs.iter().sum();
-        Distribution {
-            tokens: cand[..keep].iter().map(|c| c.0).collect(),
-            probs: probs.iter().map(|p| (p / total) as f32).collect(),
+        if out.is_empty() {
+            // Unreachable in practice (the max token has w = 1); never panic.
+            return Distribution::single(key_id(cands[0]));
         }
+        out.sort_unstable();
+        let tokens = out.iter().map(|&k| k as u32).collect();
+        let probs = out.iter().map(|&k| f32::from_bits(!((k >> 32) as u32))).collect();
+        Distribution { tokens, probs }
     }
 
-    /// Draw the next token. Greedy consumes no randomness; otherwise exactly one `next_f64`.
+    /// Draws one token. Greedy: O(V) argmax, no randomness consumed and no
+    /// allocation beyond the penalty counts. Otherwise exactly
+    /// `self.sample_from(&self.distribution(logits, history))`.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         if self.cfg.is_greedy() {
-            return argmax(&self.penalised(logits, history));
+            let counts = self.counts(logits.len(), history);
+            return self.argmax(logits, &counts);
         }
         let dist = self.distribution(logits, history);
         self.sample_from(&dist)
     }
 
-    /// Inverse-CDF draw from `dist` with one uniform number.
+    /// Draws from `dist` by inverse CDF with exactly one `next_f64()`; a greedy
+    /// sampler returns `dist.tokens[0]` (its most probable token) without
+    /// consuming randomness. An empty distribution yields 0.
     pub fn sample_from(&mut self, dist: &Distribution) -> u32 {
-        if dist.tokens.len() == 1 {
-            // Still consume the number so the stream does not depend on the cut.
-            self.rng.next_f64();
-            return dist.tokens[0];
+        if self.cfg.is_greedy() {
+            return dist.tokens.first().copied().unwrap_or(0);
         }
         let u = self.rng.next_f64();
-        let mut acc = 0f64;
-        for (&t, &p) in dist.tokens.iter().zip(&dist.probs) {
-            acc += f64::from(p);
-            if u < acc {
-                return t;
+        dist.inverse_cdf(u)
+    }
+}
+
+/// Length of the smallest prefix (in key order) of `cands` whose cumulative
+/// weight reaches `target`, at least 1; reorders `cands` so that this prefix
+/// is sorted and in front. Avoids a full sort by growing a selected prefix.
+fn nucleus_len(cands: &mut [u64], target: f64, w: &impl Fn(u64) -> f64) -> usize {
+    let n = cands.len();
+    let mut sorted = 0usize; // cands[..sorted] are the `sorted` best, in order
+    let mut cum = 0.0f64;
+    let mut chunk = 256usize;
+    while sorted < n {
+        let end = (sorted + chunk).min(n);
+        let rest = &mut cands[sorted..];
+        if end < n {
+            rest.select_nth_unstable(end - sorted - 1);
+        }
+        cands[sorted..end].sort_unstable();
+        for (i, &k) in cands[sorted..end].iter().enumerate() {
+            cum += w(k);
+            if cum >= target {
+                return sorted + i + 1;
             }
         }
-        *dist.tokens.last().expect("distribution is never empty")
+        sorted = end;
+        chunk = chunk.saturating_mul(4);
     }
+    n.max(1)
 }
 
 /// Index of the largest value; ties and NaN resolve to the lowest id.
