@@ -3,7 +3,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -44,7 +44,7 @@ pub fn worker(args: &WorkerArgs) -> Result<()> {
     eprintln!(" ({:.2}s)", t.elapsed().as_secs_f64());
     let model_id = specswarm_net::model_id(&path)?;
     let limits = StageLimits { sessions_max: args.sessions_max, ..StageLimits::default() };
-    let server = Arc::new(Mutex::new(StageServer::new(Arc::new(slice), model_id, limits)));
+    let server = StageServer::new(Arc::new(slice), model_id, limits);
     let listener = TcpListener::bind(&args.listen).with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     println!("listening {addr} layers {}:{}", layers.start, layers.end);

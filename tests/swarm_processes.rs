@@ -186,3 +186,44 @@ fn failover_after_kill_9_finishes_with_identical_tokens() {
         pool[victim_stage].swap(n - 1, n - 2);
     }
 }
+
+/// A ring with direct return (workers forward to each other, the tail answers the client) gives
+/// the same greedy tokens as one process.
+#[test]
+fn direct_return_ring_equals_local() {
+    for name in ["smollm2-135m", "gemma3-270m"] {
+        let path = hub::ensure(hub::known(name).unwrap(), &mut |m| eprintln!("{m}")).unwrap();
+        let local = ModelSlice::load(&path, &LoadOptions { threads: 1, ..Default::default() }).unwrap();
+        let n = local.config().n_layers;
+        let cuts = [0, n / 3, 2 * n / 3, n];
+        let mut workers = Workers(Vec::new());
+        let mut addrs = Vec::new();
+        for w in cuts.windows(2) {
+            let (child, addr) = spawn(&path, (w[0], w[1]));
+            workers.0.push(child);
+            addrs.push(addr);
+        }
+        let ranges = cuts.windows(2).map(|w| (w[0] as u32, w[1] as u32)).collect();
+        let spec = RingSpec { model_id: specswarm_net::model_id(&path).unwrap(), ranges };
+        let mut ring = specswarm_net::direct::DirectRing::connect(&addrs, spec, 9, Duration::from_secs(60)).unwrap();
+        let tok = Tokenizer::from_gguf(&path).unwrap();
+        for p in &PROMPTS[..4] {
+            let ids = tok.encode(p, true, false).unwrap();
+            let mut s = Sampler::new(Default::default()).unwrap();
+            let (want, _, _) = generate(&local, &ids, 16, &mut s, &[], &mut |_| true).unwrap();
+            ring.open(64).unwrap();
+            let pos: Vec<u32> = (0..ids.len() as u32).collect();
+            let mut logits = ring.forward(&ids, &pos, None).unwrap();
+            let mut got = Vec::new();
+            while got.len() < 16 {
+                let t = specswarm_engine::sampling::argmax(&logits);
+                got.push(t);
+                let p = [ring.committed() as u32];
+                logits = ring.forward(&[t], &p, None).unwrap();
+            }
+            ring.close().unwrap();
+            assert_eq!(got, want, "{name}: {p:?}");
+        }
+        drop(workers);
+    }
+}

@@ -5,12 +5,15 @@
 //!   and KV, epochs, explicit positions and typed errors.
 //! - [`ring`]: [`ring::RingClient`], a client session over an ordered ring of stages reached through
 //!   [`ring::StageLink`]s, and [`ring::generate_ring`].
+//! - [`direct`]: [`direct::DirectRing`], a ring whose stages forward to each other and whose tail
+//!   answers the client directly.
 //! - [`tcp`]: frames over plain TCP (`specswarm worker` and the demo); libp2p streams next.
 //! - `wan` (Linux): user-space WAN emulation between network namespaces through TUN devices.
 //!
 //! Not yet here (the swarm issue): libp2p transports and discovery, workers forwarding directly
 //! to the next stage and the tail returning to the client, routing, failover.
 
+pub mod direct;
 pub mod ring;
 pub mod stage;
 pub mod tcp;

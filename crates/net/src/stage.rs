@@ -123,7 +123,7 @@ impl StageServer {
 
     fn dispatch(&mut self, frame: &Frame, now: Instant) -> Result<Message, (ErrorCode, String)> {
         let id = frame.session;
-        if let Message::Open { model_id, start, end, max_tokens } = &frame.message {
+        if let Message::Open { model_id, start, end, max_tokens, .. } = &frame.message {
             let range = self.slice.layers();
             if *model_id != self.model_id || (*start as usize, *end as usize) != (range.start, range.end) {
                 return Err((

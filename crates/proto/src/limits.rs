@@ -33,3 +33,5 @@ pub const FRAME_PAYLOAD_BYTES_MAX: usize = 64 * 1024 * 1024;
 pub const ROW_VALUES_MAX: usize = 1 << 20;
 /// Longest error message carried in a frame.
 pub const ERROR_MESSAGE_BYTES_MAX: usize = 4096;
+/// Longest next-hop address in an `Open` frame.
+pub const NEXT_HOP_BYTES_MAX: usize = 256;

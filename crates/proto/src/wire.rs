@@ -60,11 +60,15 @@ pub enum Input {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Message {
     /// Reserve KV for a session on layers `[start, end)` of the model whose GGUF hashes to `model_id`.
+    /// `next_hop`: where this stage sends its output (the next stage's address); `None` sends it
+    /// back to whoever opened the session (the client: the tail of a ring, or every stage of a
+    /// client-driven ring).
     Open {
         model_id: [u8; 32],
         start: u32,
         end: u32,
         max_tokens: u32,
+        next_hop: Option<String>,
     },
     /// Run the stage. `positions` are explicit; `tree_parents` is present for a tree batch.
     Forward {
@@ -190,11 +194,15 @@ impl Frame {
     pub fn encode(&self) -> Vec<u8> {
         let mut p = Vec::new();
         let kind = match &self.message {
-            Message::Open { model_id, start, end, max_tokens } => {
+            Message::Open { model_id, start, end, max_tokens, next_hop } => {
                 p.extend_from_slice(model_id);
                 for v in [start, end, max_tokens] {
                     p.extend_from_slice(&v.to_le_bytes());
                 }
+                let hop = next_hop.as_deref().unwrap_or("").as_bytes();
+                let hop = &hop[..hop.len().min(limits::NEXT_HOP_BYTES_MAX)];
+                put_u32(&mut p, hop.len() as u32);
+                p.extend_from_slice(hop);
                 KIND_OPEN
             }
             Message::Forward { positions, tree_parents, input } => {
@@ -300,7 +308,11 @@ impl Frame {
                         max: limits::KV_TOKENS_PER_SESSION_MAX as u64,
                     });
                 }
-                Message::Open { model_id, start, end, max_tokens }
+                let n = r.count("next hop", limits::NEXT_HOP_BYTES_MAX, 1)?;
+                let hop = std::str::from_utf8(r.take(n)?)
+                    .map_err(|_| WireError::Invalid { what: "next hop", value: n as u64 })?;
+                let next_hop = (!hop.is_empty()).then(|| hop.to_string());
+                Message::Open { model_id, start, end, max_tokens, next_hop }
             }
             KIND_FORWARD => {
                 let positions = r.u32s("positions", limits::FORWARD_BATCH_TOKENS_MAX)?;

@@ -6,7 +6,14 @@ use specswarm_proto::wire::{Dtype, ErrorCode, Frame, HEADER_BYTES, Input, Messag
 fn frames() -> Vec<Frame> {
     let f = |message| Frame { session: 0xDEAD_BEEF_0000_0001, epoch: 7, seq: 42, message };
     vec![
-        f(Message::Open { model_id: [9; 32], start: 0, end: 10, max_tokens: 4096 }),
+        f(Message::Open { model_id: [9; 32], start: 0, end: 10, max_tokens: 4096, next_hop: None }),
+        f(Message::Open {
+            model_id: [1; 32],
+            start: 10,
+            end: 20,
+            max_tokens: 64,
+            next_hop: Some("127.0.0.1:7002".into()),
+        }),
         f(Message::Forward { positions: vec![5, 6, 7], tree_parents: None, input: Input::Tokens(vec![1, 2, 3]) }),
         f(Message::Forward {
             positions: vec![5, 6, 6],

@@ -1,0 +1,167 @@
+//! A ring with direct return, seen from the client: every stage is opened with the address of
+//! the next one, the client sends a batch to the head, each stage forwards its output to the
+//! next, and the tail's logits come straight back to the client. One token costs
+//! (N + 1)·L + Σc instead of the client-driven 2·N·L + Σc.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use specswarm_proto::wire::{Frame, Input, Message};
+
+use crate::ring::{RingError, RingSpec};
+use crate::stage::decode_hidden;
+use crate::tcp::read_frame;
+
+pub struct DirectRing {
+    writers: Vec<TcpStream>,
+    addrs: Vec<SocketAddr>,
+    rx: mpsc::Receiver<(usize, Result<Frame, String>)>,
+    spec: RingSpec,
+    session: u64,
+    epoch: u32,
+    seq: u32,
+    committed: usize,
+    timeout: Duration,
+}
+
+impl DirectRing {
+    /// Connect to every stage (`addrs[i]` serves `spec.ranges[i]`); `timeout` bounds every wait.
+    pub fn connect(
+        addrs: &[SocketAddr],
+        spec: RingSpec,
+        session: u64,
+        timeout: Duration,
+    ) -> std::io::Result<DirectRing> {
+        assert_eq!(addrs.len(), spec.ranges.len(), "one address per stage");
+        let (tx, rx) = mpsc::channel();
+        let mut writers = Vec::new();
+        for (i, a) in addrs.iter().enumerate() {
+            let s = TcpStream::connect_timeout(a, Duration::from_secs(10))?;
+            s.set_nodelay(true)?;
+            let mut reader = s.try_clone()?;
+            let tx = tx.clone();
+            std::thread::Builder::new().name(format!("ring-rx-{i}")).spawn(move || {
+                loop {
+                    let item = match read_frame(&mut reader) {
+                        Ok(Ok(b)) => Frame::decode(&b).map_err(|e| e.to_string()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let stop = item.is_err();
+                    if tx.send((i, item)).is_err() || stop {
+                        return;
+                    }
+                }
+            })?;
+            writers.push(s);
+        }
+        Ok(DirectRing { writers, addrs: addrs.to_vec(), rx, spec, session, epoch: 0, seq: 0, committed: 0, timeout })
+    }
+
+    pub fn committed(&self) -> usize {
+        self.committed
+    }
+
+    fn send(&mut self, stage: usize, message: Message) -> Result<u32, RingError> {
+        self.seq = self.seq.wrapping_add(1);
+        let frame = Frame { session: self.session, epoch: self.epoch, seq: self.seq, message };
+        self.writers[stage]
+            .write_all(&frame.encode())
+            .map_err(|e| RingError::Unreachable { stage, reason: e.to_string() })?;
+        Ok(self.seq)
+    }
+
+    /// The reply with sequence number `seq` from `stage`; an error from any stage for `seq`.
+    fn wait(&mut self, stage: usize, seq: u32) -> Result<Message, RingError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (from, item) = self
+                .rx
+                .recv_timeout(left)
+                .map_err(|_| RingError::Unreachable { stage, reason: "no reply before the timeout".into() })?;
+            let frame = item.map_err(|reason| RingError::Unreachable { stage: from, reason })?;
+            if frame.seq != seq || frame.session != self.session {
+                continue; // a stale reply of an earlier round
+            }
+            match frame.message {
+                Message::Error { code, message } => return Err(RingError::Refused { stage: from, code, message }),
+                m if from == stage => return Ok(m),
+                _ => return Err(RingError::Unexpected { stage: from }),
+            }
+        }
+    }
+
+    /// Send `message` to every stage at once and collect every reply.
+    fn all(&mut self, message: impl Fn() -> Message) -> Result<(), RingError> {
+        let mut pending: Vec<Option<u32>> =
+            (0..self.writers.len()).map(|i| self.send(i, message()).map(Some)).collect::<Result<_, _>>()?;
+        let deadline = Instant::now() + self.timeout;
+        while let Some(stage) = pending.iter().position(Option::is_some) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (from, item) = self
+                .rx
+                .recv_timeout(left)
+                .map_err(|_| RingError::Unreachable { stage, reason: "no reply before the timeout".into() })?;
+            let frame = item.map_err(|reason| RingError::Unreachable { stage: from, reason })?;
+            if pending[from] != Some(frame.seq) || frame.session != self.session {
+                continue;
+            }
+            if let Message::Error { code, message } = frame.message {
+                return Err(RingError::Refused { stage: from, code, message });
+            }
+            pending[from] = None;
+        }
+        Ok(())
+    }
+
+    pub fn open(&mut self, max_tokens: u32) -> Result<(), RingError> {
+        let n = self.writers.len();
+        for i in 0..n {
+            let (start, end) = self.spec.ranges[i];
+            let next_hop = (i + 1 < n).then(|| self.addrs[i + 1].to_string());
+            let seq = self.send(i, Message::Open { model_id: self.spec.model_id, start, end, max_tokens, next_hop })?;
+            self.wait(i, seq)?;
+        }
+        self.committed = 0;
+        Ok(())
+    }
+
+    /// Send a batch to the head; the tail's logits come back directly.
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        positions: &[u32],
+        tree_parents: Option<&[i32]>,
+    ) -> Result<Vec<f32>, RingError> {
+        let msg = Message::Forward {
+            positions: positions.to_vec(),
+            tree_parents: tree_parents.map(<[i32]>::to_vec),
+            input: Input::Tokens(tokens.to_vec()),
+        };
+        let seq = self.send(0, msg)?;
+        let tail = self.writers.len() - 1;
+        match self.wait(tail, seq)? {
+            Message::Output { input: Input::Hidden { dtype, data, .. } } => {
+                if tree_parents.is_none() {
+                    self.committed += tokens.len();
+                }
+                Ok(decode_hidden(dtype, &data))
+            }
+            _ => Err(RingError::Unexpected { stage: tail }),
+        }
+    }
+
+    pub fn truncate(&mut self, len: usize) -> Result<(), RingError> {
+        self.epoch += 1;
+        self.all(|| Message::Truncate { len: len as u32 })?;
+        self.committed = len;
+        Ok(())
+    }
+
+    pub fn close(&mut self) -> Result<(), RingError> {
+        self.all(|| Message::Close)
+    }
+}
