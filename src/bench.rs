@@ -7,13 +7,14 @@ use anyhow::{Context, Result};
 use specswarm_engine::model::{Batch, ModelSlice, StepInput, Want};
 use specswarm_engine::sampling::Rng;
 
-use crate::cli::{BenchCommand, BenchEngineArgs, BenchSpecArgs, BenchSwarmArgs};
+use crate::cli::{BenchCommand, BenchEngineArgs, BenchRingArgs, BenchSpecArgs, BenchSwarmArgs};
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Engine(args) => engine(&args),
         BenchCommand::Spec(args) => spec(&args),
         BenchCommand::Swarm(args) => swarm(&args),
+        BenchCommand::Ring(args) => ring(&args),
     }
 }
 
@@ -267,5 +268,42 @@ fn swarm(args: &BenchSwarmArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::json!({ "model": args.model, "emulator": "inproc", "rows": rows }));
     }
+    Ok(())
+}
+
+/// Plain greedy decoding through running workers (ring with direct return); prints one JSON line.
+fn ring(args: &BenchRingArgs) -> Result<()> {
+    use specswarm_net::direct::DirectRing;
+    use specswarm_net::ring::RingSpec;
+
+    let path = crate::resolve_model(&args.model)?;
+    let model_id = specswarm_net::model_id(&path)?;
+    let file = specswarm_engine::gguf::GgufFile::open(&path)?;
+    let n_layers = specswarm_engine::config::ModelConfig::from_gguf(&file)?.n_layers;
+    let addrs: Vec<std::net::SocketAddr> = args
+        .workers
+        .split(',')
+        .map(|a| a.trim().parse().with_context(|| format!("bad address {a:?}")))
+        .collect::<Result<_>>()?;
+    let n = addrs.len();
+    let ranges = (0..n).map(|i| ((i * n_layers / n) as u32, ((i + 1) * n_layers / n) as u32)).collect();
+    let mut ring = DirectRing::connect(&addrs, RingSpec { model_id, ranges }, 1, std::time::Duration::from_secs(60))?;
+    let tok = specswarm_engine::tokenizer::Tokenizer::from_gguf(&path)?;
+    let ids = crate::encode_prompt(&path, &tok, "Write a short story about a lighthouse keeper.", true)?;
+    ring.open((ids.len() + args.max_tokens + 1) as u32)?;
+    let pos: Vec<u32> = (0..ids.len() as u32).collect();
+    let mut logits = ring.forward(&ids, &pos, None)?;
+    let t = Instant::now();
+    for _ in 0..args.max_tokens {
+        let next = specswarm_engine::sampling::argmax(&logits);
+        let p = [ring.committed() as u32];
+        logits = ring.forward(&[next], &p, None)?;
+    }
+    let s = t.elapsed().as_secs_f64();
+    ring.close()?;
+    println!(
+        "{}",
+        serde_json::json!({ "stages": n, "tokens": args.max_tokens, "tokens_per_s": args.max_tokens as f64 / s, "traversal_ms": 1000.0 * s / args.max_tokens as f64 })
+    );
     Ok(())
 }

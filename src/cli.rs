@@ -123,6 +123,20 @@ pub enum BenchCommand {
     /// Plain (non-speculative) decoding through an in-process ring of N stages with emulated
     /// one-way delay per hop, next to the ceilings computed from the measured compute time.
     Swarm(BenchSwarmArgs),
+    /// Plain decoding through running workers as a ring with direct return (use inside the
+    /// WAN emulator: `ip netns exec sswN specswarm bench ring ...`).
+    Ring(BenchRingArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchRingArgs {
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// Comma-separated worker addresses, in layer order.
+    #[arg(long)]
+    pub workers: String,
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
 }
 
 #[derive(Args, Debug)]
