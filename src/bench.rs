@@ -290,14 +290,14 @@ fn ring(args: &BenchRingArgs) -> Result<()> {
     let mut ring = DirectRing::connect(&addrs, RingSpec { model_id, ranges }, 1, std::time::Duration::from_secs(60))?;
     let tok = specswarm_engine::tokenizer::Tokenizer::from_gguf(&path)?;
     let ids = crate::encode_prompt(&path, &tok, "Write a short story about a lighthouse keeper.", true)?;
-    ring.open((ids.len() + args.max_tokens + 1) as u32)?;
+    // Greedy at the tail: only token ids travel back to the client.
+    ring.open_with((ids.len() + args.max_tokens + 1) as u32, true)?;
     let pos: Vec<u32> = (0..ids.len() as u32).collect();
-    let mut logits = ring.forward(&ids, &pos, None)?;
+    let mut next = ring.forward_argmax(&ids, &pos, None)?[0];
     let t = Instant::now();
     for _ in 0..args.max_tokens {
-        let next = specswarm_engine::sampling::argmax(&logits);
         let p = [ring.committed() as u32];
-        logits = ring.forward(&[next], &p, None)?;
+        next = ring.forward_argmax(&[next], &p, None)?[0];
     }
     let s = t.elapsed().as_secs_f64();
     ring.close()?;

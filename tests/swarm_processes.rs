@@ -223,6 +223,15 @@ fn direct_return_ring_equals_local() {
             }
             ring.close().unwrap();
             assert_eq!(got, want, "{name}: {p:?}");
+            // Greedy at the tail: only token ids come back, same tokens.
+            ring.open_with(64, true).unwrap();
+            let mut ids_back = vec![ring.forward_argmax(&ids, &pos, None).unwrap()[0]];
+            while ids_back.len() < 16 {
+                let p = [ring.committed() as u32];
+                ids_back.push(ring.forward_argmax(&[*ids_back.last().unwrap()], &p, None).unwrap()[0]);
+            }
+            ring.close().unwrap();
+            assert_eq!(ids_back, want, "{name}: {p:?} (tail argmax)");
         }
         drop(workers);
     }

@@ -117,12 +117,21 @@ impl DirectRing {
         Ok(())
     }
 
+    /// Open the session everywhere; the tail answers with logits.
     pub fn open(&mut self, max_tokens: u32) -> Result<(), RingError> {
+        self.open_with(max_tokens, false)
+    }
+
+    /// Open the session everywhere; with `tail_argmax` the tail answers with token ids
+    /// ([`DirectRing::forward_argmax`]).
+    pub fn open_with(&mut self, max_tokens: u32, tail_argmax: bool) -> Result<(), RingError> {
         let n = self.writers.len();
         for i in 0..n {
             let (start, end) = self.spec.ranges[i];
             let next_hop = (i + 1 < n).then(|| self.addrs[i + 1].to_string());
-            let seq = self.send(i, Message::Open { model_id: self.spec.model_id, start, end, max_tokens, next_hop })?;
+            let tail_argmax = tail_argmax && i + 1 == n;
+            let msg = Message::Open { model_id: self.spec.model_id, start, end, max_tokens, next_hop, tail_argmax };
+            let seq = self.send(i, msg)?;
             self.wait(i, seq)?;
         }
         self.committed = 0;
@@ -149,6 +158,32 @@ impl DirectRing {
                     self.committed += tokens.len();
                 }
                 Ok(decode_hidden(dtype, &data))
+            }
+            _ => Err(RingError::Unexpected { stage: tail }),
+        }
+    }
+
+    /// Like [`DirectRing::forward`] on a session opened with `tail_argmax`: the argmax token id
+    /// of each output row.
+    pub fn forward_argmax(
+        &mut self,
+        tokens: &[u32],
+        positions: &[u32],
+        tree_parents: Option<&[i32]>,
+    ) -> Result<Vec<u32>, RingError> {
+        let msg = Message::Forward {
+            positions: positions.to_vec(),
+            tree_parents: tree_parents.map(<[i32]>::to_vec),
+            input: Input::Tokens(tokens.to_vec()),
+        };
+        let seq = self.send(0, msg)?;
+        let tail = self.writers.len() - 1;
+        match self.wait(tail, seq)? {
+            Message::Output { input: Input::Tokens(ids) } => {
+                if tree_parents.is_none() {
+                    self.committed += tokens.len();
+                }
+                Ok(ids)
             }
             _ => Err(RingError::Unexpected { stage: tail }),
         }

@@ -99,7 +99,17 @@ impl RingClient {
     /// Open the session on every stage with a KV budget of `max_tokens`.
     pub fn open(&mut self, max_tokens: u32) -> Result<(), RingError> {
         for (i, &(start, end)) in self.spec.ranges.clone().iter().enumerate() {
-            self.call(i, Message::Open { model_id: self.spec.model_id, start, end, max_tokens, next_hop: None })?;
+            self.call(
+                i,
+                Message::Open {
+                    model_id: self.spec.model_id,
+                    start,
+                    end,
+                    max_tokens,
+                    next_hop: None,
+                    tail_argmax: false,
+                },
+            )?;
         }
         self.committed = 0;
         Ok(())

@@ -50,6 +50,8 @@ impl Default for StageLimits {
 
 struct Session {
     kv: KvCache,
+    /// Answer with argmax token ids instead of logits (tail only).
+    tail_argmax: bool,
     epoch: u32,
     reserved_tokens: usize,
     last_used: Instant,
@@ -123,7 +125,7 @@ impl StageServer {
 
     fn dispatch(&mut self, frame: &Frame, now: Instant) -> Result<Message, (ErrorCode, String)> {
         let id = frame.session;
-        if let Message::Open { model_id, start, end, max_tokens, .. } = &frame.message {
+        if let Message::Open { model_id, start, end, max_tokens, tail_argmax, .. } = &frame.message {
             let range = self.slice.layers();
             if *model_id != self.model_id || (*start as usize, *end as usize) != (range.start, range.end) {
                 return Err((
@@ -148,7 +150,10 @@ impl StageServer {
             }
             let kv = self.slice.new_cache(want);
             self.reserved_tokens += want;
-            self.sessions.insert(id, Session { kv, epoch: frame.epoch, reserved_tokens: want, last_used: now });
+            self.sessions.insert(
+                id,
+                Session { kv, tail_argmax: *tail_argmax, epoch: frame.epoch, reserved_tokens: want, last_used: now },
+            );
             return Ok(Message::Ack { committed: 0 });
         }
         let session = self.sessions.get_mut(&id).ok_or((ErrorCode::UnknownSession, format!("no session {id:#x}")))?;
@@ -194,6 +199,10 @@ impl StageServer {
                 let (rows, data) = match out {
                     StepOutput::Hidden { data, rows } | StepOutput::Logits { data, rows } => (rows, data),
                 };
+                if want != Want::Hidden && session.tail_argmax {
+                    let ids = data.chunks_exact(dim).map(specswarm_engine::sampling::argmax).collect();
+                    return Ok(Message::Output { input: Input::Tokens(ids) });
+                }
                 let dtype = if want == Want::Hidden { self.limits.hidden_dtype } else { Dtype::F32 };
                 Ok(Message::Output {
                     input: Input::Hidden {

@@ -128,7 +128,14 @@ fn hostile_frames_are_refused_and_a_live_session_is_unharmed() {
     let mut server = stage(&p, id, 0, 30, limits);
     let now = Instant::now();
     let frame = |session, epoch, message| Frame { session, epoch, seq: 1, message };
-    let open = |_session: u64| Message::Open { model_id: id, start: 0, end: 30, max_tokens: 256, next_hop: None };
+    let open = |_session: u64| Message::Open {
+        model_id: id,
+        start: 0,
+        end: 30,
+        max_tokens: 256,
+        next_hop: None,
+        tail_argmax: false,
+    };
     // The control session: decode a few tokens, remembering the logits.
     let reply = server.handle(&frame(1, 5, open(1)), now);
     assert!(matches!(reply.message, Message::Ack { .. }));
@@ -167,7 +174,12 @@ fn hostile_frames_are_refused_and_a_live_session_is_unharmed() {
             },
         )
         .encode(),
-        frame(3, 0, Message::Open { model_id: [7; 32], start: 0, end: 30, max_tokens: 10, next_hop: None }).encode(),
+        frame(
+            3,
+            0,
+            Message::Open { model_id: [7; 32], start: 0, end: 30, max_tokens: 10, next_hop: None, tail_argmax: false },
+        )
+        .encode(),
     ];
     let mut link = LocalLink(server);
     let mut refused = 0;

@@ -62,13 +62,15 @@ pub enum Message {
     /// Reserve KV for a session on layers `[start, end)` of the model whose GGUF hashes to `model_id`.
     /// `next_hop`: where this stage sends its output (the next stage's address); `None` sends it
     /// back to whoever opened the session (the client: the tail of a ring, or every stage of a
-    /// client-driven ring).
+    /// client-driven ring). `tail_argmax`: the tail answers with the argmax token id of each
+    /// output row instead of the logits (a few bytes instead of a vocabulary of floats).
     Open {
         model_id: [u8; 32],
         start: u32,
         end: u32,
         max_tokens: u32,
         next_hop: Option<String>,
+        tail_argmax: bool,
     },
     /// Run the stage. `positions` are explicit; `tree_parents` is present for a tree batch.
     Forward {
@@ -194,7 +196,7 @@ impl Frame {
     pub fn encode(&self) -> Vec<u8> {
         let mut p = Vec::new();
         let kind = match &self.message {
-            Message::Open { model_id, start, end, max_tokens, next_hop } => {
+            Message::Open { model_id, start, end, max_tokens, next_hop, tail_argmax } => {
                 p.extend_from_slice(model_id);
                 for v in [start, end, max_tokens] {
                     p.extend_from_slice(&v.to_le_bytes());
@@ -203,6 +205,7 @@ impl Frame {
                 let hop = &hop[..hop.len().min(limits::NEXT_HOP_BYTES_MAX)];
                 put_u32(&mut p, hop.len() as u32);
                 p.extend_from_slice(hop);
+                p.push(u8::from(*tail_argmax));
                 KIND_OPEN
             }
             Message::Forward { positions, tree_parents, input } => {
@@ -312,7 +315,12 @@ impl Frame {
                 let hop = std::str::from_utf8(r.take(n)?)
                     .map_err(|_| WireError::Invalid { what: "next hop", value: n as u64 })?;
                 let next_hop = (!hop.is_empty()).then(|| hop.to_string());
-                Message::Open { model_id, start, end, max_tokens, next_hop }
+                let tail_argmax = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    x => return Err(WireError::Invalid { what: "tail_argmax flag", value: x.into() }),
+                };
+                Message::Open { model_id, start, end, max_tokens, next_hop, tail_argmax }
             }
             KIND_FORWARD => {
                 let positions = r.u32s("positions", limits::FORWARD_BATCH_TOKENS_MAX)?;

@@ -6,7 +6,7 @@ use specswarm_proto::wire::{Dtype, ErrorCode, Frame, HEADER_BYTES, Input, Messag
 fn frames() -> Vec<Frame> {
     let f = |message| Frame { session: 0xDEAD_BEEF_0000_0001, epoch: 7, seq: 42, message };
     vec![
-        f(Message::Open { model_id: [9; 32], start: 0, end: 10, max_tokens: 4096, next_hop: None }),
+        f(Message::Open { model_id: [9; 32], start: 0, end: 10, max_tokens: 4096, next_hop: None, tail_argmax: false }),
         f(Message::Open {
             model_id: [1; 32],
             start: 10,
