@@ -13,6 +13,7 @@ fn frames() -> Vec<Frame> {
             end: 20,
             max_tokens: 64,
             next_hop: Some("127.0.0.1:7002".into()),
+            tail_argmax: true,
         }),
         f(Message::Forward { positions: vec![5, 6, 7], tree_parents: None, input: Input::Tokens(vec![1, 2, 3]) }),
         f(Message::Forward {
