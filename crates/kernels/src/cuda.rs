@@ -8,11 +8,17 @@
 //!   [`CudaMatrix::matmul`] taking and returning host f32 slices in the same layout as
 //!   [`QMatrix::matmul`].
 //!
-//! Numerics: weights are dequantized with [`dequantize_row`] and rounded to f16; activations
-//! are rounded to f16 on the host before the upload; the product runs as `cublasGemmEx` with
-//! f16 inputs, f32 output and `CUBLAS_COMPUTE_32F` (f32 accumulation). Values beyond the f16
-//! range (|v| > 65504) become infinite, and results match the CPU kernels to about 1e-3
-//! relative (the CPU path quantizes activations to 8 bits, which is coarser than f16).
+//! Numerics: weights are dequantized with [`dequantize_row`](crate::dequantize_row) and
+//! rounded to f16; activations are rounded to f16 on the host before the upload; the product
+//! runs as `cublasGemmEx` with f16 inputs, f32 output and `CUBLAS_COMPUTE_32F` (f32
+//! accumulation). Values beyond the f16 range (|v| > 65504) become infinite. Results differ
+//! from [`QMatrix::matmul`] by rounding only (the CPU path quantizes activations to 8 bits,
+//! coarser than f16); `tests/cuda.rs` holds them to 1e-2 relative.
+//!
+//! Libraries are opened with `dlopen` on first use. A library that is missing gives
+//! [`CudaError::Library`]; a library lacking a needed symbol makes cudarc panic, which
+//! [`CudaDevice::new`] catches and reports as [`CudaError::Library`] too (the panic message
+//! may still be printed by the panic hook).
 
 use crate::matmul::QMatrix;
 use crate::types::KernelError;
@@ -51,7 +57,7 @@ impl fmt::Display for CudaError {
                 write!(f, "no CUDA device {ordinal} ({count} device(s) present)")
             }
             CudaError::Driver(e) => write!(f, "CUDA driver error: {e}"),
-            CudaError::Cublas(e) => write!(f, "cuBLAS error: {e:?}"),
+            CudaError::Cublas(e) => write!(f, "cuBLAS error: {e}"),
             CudaError::Kernel(e) => write!(f, "dequantization failed: {e}"),
             CudaError::TooLarge { what, value } => write!(f, "{what} = {value} exceeds cuBLAS's i32 limit"),
         }
@@ -62,6 +68,7 @@ impl std::error::Error for CudaError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             CudaError::Driver(e) => Some(e),
+            CudaError::Cublas(e) => Some(e),
             CudaError::Kernel(e) => Some(e),
             _ => None,
         }
@@ -154,7 +161,7 @@ fn load_driver() -> Result<(), CudaError> {
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(CudaError::Library { name: "libcuda", detail: NOT_FOUND.into() });
     }
-    catch_unwind(|| cudarc::driver::result::init())
+    catch_unwind(cudarc::driver::result::init)
         .map_err(|p| CudaError::Library { name: "libcuda", detail: panic_text(p) })?
         .map_err(CudaError::Driver)
 }
