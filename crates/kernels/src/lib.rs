@@ -19,12 +19,37 @@
 //! Q8_K activations use `d = amax / 127` (positive) with round-half-to-even; Q8_1's `s` is
 //! computed from the f16-rounded `d`. Both are internal formats (never read from files), so the
 //! choices only need to be self-consistent.
+//!
+//! # CUDA (optional, feature `cuda`)
+//!
+//! With `--features cuda` the `cuda` module adds a cuBLAS matmul (the feature is off by
+//! default and no test or other crate needs it):
+//!
+//! * `CudaDevice::new(ordinal)` opens a GPU, or returns a `CudaError` (no panic) when the CUDA
+//!   driver / cuBLAS libraries cannot be loaded or there is no such device; `CudaDevice::count()`
+//!   probes without opening.
+//! * `CudaMatrix::from_qmatrix(&qmatrix, &device)` dequantizes the weights on the host (with
+//!   [`dequantize_row`]), rounds them to f16 and uploads them once.
+//! * `CudaMatrix::matmul(&self, x, n_tokens, y) -> Result<(), CudaError>` computes
+//!   `y[t*rows + r] = sum_c W[r,c] * x[t*cols + c]` like [`QMatrix::matmul`]: the activations
+//!   are rounded to f16 and uploaded, one `cublasGemmEx` runs (f16 inputs, f32 accumulation and
+//!   output), and `y` is copied back before it returns.
+//!
+//! Building needs no CUDA toolkit: the `cudarc` bindings are compiled against a fixed CUDA 12.0
+//! API and open `libcuda.so` / `libcublas.so` with `dlopen` on first use, so
+//! `cargo build -p specswarm-kernels --features cuda` works anywhere. Running needs an NVIDIA
+//! driver and the cuBLAS 12 runtime library on the loader path (e.g. `LD_LIBRARY_PATH`
+//! containing the toolkit's `lib64`). `cargo test -p specswarm-kernels --features cuda --test
+//! cuda` compares the GPU matmul with the CPU one, and prints `no CUDA device, skipped` where
+//! there is no GPU.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx2_multi;
 mod blocks;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod dot;
 mod matmul;
 mod types;
