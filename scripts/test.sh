@@ -12,6 +12,9 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --release -- -D warnings
 
+echo "== the CUDA build compiles (no GPU needed; its test skips without a device)"
+cargo test --release -p specswarm-kernels --features cuda --test cuda
+
 echo "== models"
 cargo run --release --quiet -- model pull smollm2-135m >/dev/null
 cargo run --release --quiet -- model pull gemma3-270m >/dev/null
