@@ -138,13 +138,13 @@ impl DirectRing {
         Ok(())
     }
 
-    /// Send a batch to the head; the tail's logits come back directly.
-    pub fn forward(
+    /// Send a batch to the head and return what the tail answers.
+    fn forward_raw(
         &mut self,
         tokens: &[u32],
         positions: &[u32],
         tree_parents: Option<&[i32]>,
-    ) -> Result<Vec<f32>, RingError> {
+    ) -> Result<Input, RingError> {
         let msg = Message::Forward {
             positions: positions.to_vec(),
             tree_parents: tree_parents.map(<[i32]>::to_vec),
@@ -153,13 +153,26 @@ impl DirectRing {
         let seq = self.send(0, msg)?;
         let tail = self.writers.len() - 1;
         match self.wait(tail, seq)? {
-            Message::Output { input: Input::Hidden { dtype, data, .. } } => {
+            Message::Output { input } => {
                 if tree_parents.is_none() {
                     self.committed += tokens.len();
                 }
-                Ok(decode_hidden(dtype, &data))
+                Ok(input)
             }
             _ => Err(RingError::Unexpected { stage: tail }),
+        }
+    }
+
+    /// Send a batch to the head; the tail's logits come back directly.
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        positions: &[u32],
+        tree_parents: Option<&[i32]>,
+    ) -> Result<Vec<f32>, RingError> {
+        match self.forward_raw(tokens, positions, tree_parents)? {
+            Input::Hidden { dtype, data, .. } => Ok(decode_hidden(dtype, &data)),
+            Input::Tokens(_) => Err(RingError::Unexpected { stage: self.writers.len() - 1 }),
         }
     }
 
@@ -171,21 +184,9 @@ impl DirectRing {
         positions: &[u32],
         tree_parents: Option<&[i32]>,
     ) -> Result<Vec<u32>, RingError> {
-        let msg = Message::Forward {
-            positions: positions.to_vec(),
-            tree_parents: tree_parents.map(<[i32]>::to_vec),
-            input: Input::Tokens(tokens.to_vec()),
-        };
-        let seq = self.send(0, msg)?;
-        let tail = self.writers.len() - 1;
-        match self.wait(tail, seq)? {
-            Message::Output { input: Input::Tokens(ids) } => {
-                if tree_parents.is_none() {
-                    self.committed += tokens.len();
-                }
-                Ok(ids)
-            }
-            _ => Err(RingError::Unexpected { stage: tail }),
+        match self.forward_raw(tokens, positions, tree_parents)? {
+            Input::Tokens(ids) => Ok(ids),
+            Input::Hidden { .. } => Err(RingError::Unexpected { stage: self.writers.len() - 1 }),
         }
     }
 
