@@ -26,7 +26,9 @@ const RB: usize = TILE_ROWS;
 fn vnni() -> bool {
     static V: OnceLock<bool> = OnceLock::new();
     *V.get_or_init(|| {
-        std::env::var_os("SPECSWARM_KERNELS_NO_VNNI").is_none() && std::arch::is_x86_feature_detected!("avxvnni")
+        std::env::var_os("SPECSWARM_KERNELS_NO_VNNI").is_none()
+            && std::arch::is_x86_feature_detected!("avxvnni")
+            && std::arch::is_x86_feature_detected!("avx512vl")
     })
 }
 
@@ -293,7 +295,7 @@ macro_rules! legacy_kernel {
         unsafe fn prep_t<const R: usize>(nb: usize, w: *const u8, ws: usize, buf: *mut u8) {
             legacy_prep!(false, R, nb, w, ws, buf, $wbs, $has_m, $mode, |$wb| $prep)
         }
-        #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+        #[target_feature(enable = "avx2,fma,f16c,avxvnni,avx512f,avx512vl")]
         unsafe fn prep_v<const R: usize>(nb: usize, w: *const u8, ws: usize, buf: *mut u8) {
             legacy_prep!(true, R, nb, w, ws, buf, $wbs, $has_m, $mode, |$wb| $prep)
         }
@@ -304,7 +306,7 @@ macro_rules! legacy_kernel {
         ) {
             legacy_tile!(false, D, R, T, nb, src, ws, r0, x, xs, xsc, out, $wbs, $xbs, $xqo, $has_m, $mode, |$wb| $prep)
         }
-        #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+        #[target_feature(enable = "avx2,fma,f16c,avxvnni,avx512f,avx512vl")]
         #[allow(clippy::too_many_arguments)]
         unsafe fn tile_v<const D: bool, const R: usize, const T: usize>(
             nb: usize, src: *const u8, ws: usize, r0: usize, x: *const u8, xs: usize, xsc: *const f32, out: &mut [f32],
@@ -413,6 +415,230 @@ unsafe fn move_row(nb: usize, b: *mut u8, r: usize) {
     }
 }
 
+/// Bytes per (block, row) slot of the K-quant working layout: 8 unpacked 32-byte operands, 8
+/// i16 scale vectors, one extra vector (Q4_K: mins as i32, Q6_K: the 16 scales as i16), then
+/// the f32 `d` and `dmin`.
+const KS: usize = 576;
+
+/// Q4_K block at `wb` unpacked: (operands, i16 scales, mins, d, dmin).
+macro_rules! q4k_unpack {
+    ($wb:expr) => {{
+        let wb: *const u8 = $wb;
+        let m4 = _mm256_set1_epi8(0x0F);
+        let (sc, mins) = k4_scales_mins(wb.add(4));
+        let mut q = [_mm256_setzero_si256(); 8];
+        let mut s = [_mm256_setzero_si256(); 8];
+        for c in 0..4 {
+            let v = ld256(wb.add(16 + 32 * c));
+            q[2 * c] = _mm256_and_si256(v, m4);
+            q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            s[2 * c] = _mm256_set1_epi16(sc[2 * c] as i16);
+            s[2 * c + 1] = _mm256_set1_epi16(sc[2 * c + 1] as i16);
+        }
+        (q, s, mins, ld_f16(wb), ld_f16(wb.add(2)))
+    }};
+}
+
+/// Q6_K block at `wb` unpacked: (operands 0..63, i16 scale pairs, 16 scales as i16, d, 0).
+macro_rules! q6k_unpack {
+    ($wb:expr) => {{
+        let wb: *const u8 = $wb;
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(3);
+        let mut q = [_mm256_setzero_si256(); 8];
+        let mut s = [_mm256_setzero_si256(); 8];
+        for h in 0..2 {
+            let ql0 = ld256(wb.add(64 * h));
+            let ql1 = ld256(wb.add(64 * h + 32));
+            let qh = ld256(wb.add(128 + 32 * h));
+            let hb = |v: __m256i| _mm256_slli_epi16(_mm256_and_si256(v, m2), 4);
+            q[4 * h] = _mm256_or_si256(_mm256_and_si256(ql0, m4), hb(qh));
+            q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), hb(_mm256_srli_epi16(qh, 2)));
+            q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), hb(_mm256_srli_epi16(qh, 4)));
+            q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), hb(_mm256_srli_epi16(qh, 6)));
+            let sc = wb.add(192 + 8 * h) as *const i8;
+            for k in 0..4 {
+                s[4 * h + k] =
+                    _mm256_set_m128i(_mm_set1_epi16(*sc.add(2 * k + 1) as i16), _mm_set1_epi16(*sc.add(2 * k) as i16));
+            }
+        }
+        (q, s, _mm256_cvtepi8_epi16(ld128(wb.add(192))), ld_f16(wb.add(208)), 0.0f32)
+    }};
+}
+
+/// K-quant tiles (Q4_K, Q6_K): `R` rows of the working layout (from `r0`) x `T` tokens. Per
+/// (row, token) the float work is that of the former one-row kernels: per block one FMA of
+/// `x_d * d` with the exact integer block sum (and for Q4_K one of `x_d * dmin` with the exact
+/// mins sum); the integer sums may be formed in any order.
+macro_rules! kq_tile {
+    ($vnni:expr, $is_q4k:expr, $R:ident, $T:ident, $nb:expr, $buf:expr, $r0:expr, $x:expr, $xs:expr, $out:expr) => {{
+        let (nb, buf, r0, x, xs, out): (usize, *const u8, usize, *const u8, usize, &mut [f32]) =
+            ($nb, $buf, $r0, $x, $xs, $out);
+        let zero = _mm256_setzero_si256();
+        let mut acc = [[_mm256_setzero_ps(); $T]; $R];
+        let mut accm = [[_mm256_setzero_ps(); $T]; $R];
+        for blk in 0..nb {
+            let slot = |r: usize| buf.add((blk * RB + r0 + r) * KS);
+            let xblk = |t: usize| x.add(t * xs + blk * 292);
+            let mut sumi = [[zero; $T]; $R];
+            let mut xd = [0.0f32; $T];
+            for t in 0..$T {
+                xd[t] = (xblk(t) as *const f32).read_unaligned();
+            }
+            for r in 0..$R {
+                let extra = ld256(slot(r).add(512));
+                let dmin = (slot(r).add(548) as *const f32).read_unaligned();
+                for t in 0..$T {
+                    if $is_q4k {
+                        let pm = _mm256_mullo_epi32(extra, q8k_pair_sums(xblk(t)));
+                        accm[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(xd[t] * dmin), _mm256_cvtepi32_ps(pm), accm[r][t]);
+                    } else {
+                        // The -32 offset: sum_g sc_g * (-32) * bsum_g.
+                        let corr = _mm256_madd_epi16(extra, ld256(xblk(t).add(260)));
+                        sumi[r][t] = _mm256_sub_epi32(zero, _mm256_slli_epi32(corr, 5));
+                    }
+                }
+            }
+            for j in 0..8 {
+                let mut q = [zero; $R];
+                let mut s = [zero; $R];
+                for r in 0..$R {
+                    q[r] = ld256(slot(r).add(32 * j));
+                    s[r] = ld256(slot(r).add(256 + 32 * j));
+                }
+                for t in 0..$T {
+                    let xv = ld256(xblk(t).add(4 + 32 * j));
+                    for r in 0..$R {
+                        let p = _mm256_maddubs_epi16(q[r], xv);
+                        sumi[r][t] = if $vnni {
+                            _mm256_dpwssd_avx_epi32(sumi[r][t], p, s[r])
+                        } else {
+                            _mm256_add_epi32(sumi[r][t], _mm256_madd_epi16(p, s[r]))
+                        };
+                    }
+                }
+            }
+            for r in 0..$R {
+                let dw = (slot(r).add(544) as *const f32).read_unaligned();
+                for t in 0..$T {
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(xd[t] * dw), _mm256_cvtepi32_ps(sumi[r][t]), acc[r][t]);
+                }
+            }
+        }
+        for r in 0..$R {
+            for t in 0..$T {
+                out[r * TILE_TOKENS + t] =
+                    if $is_q4k { hsum_ps(acc[r][t]) - hsum_ps(accm[r][t]) } else { hsum_ps(acc[r][t]) };
+            }
+        }
+    }};
+}
+
+/// Q4_K / Q6_K tile kernels (working layout of [`KS`]-byte slots; AVX2 and AVX-VNNI builds);
+/// the direct path runs the one-row multi-token bodies.
+macro_rules! kq_kernel {
+    ($ty:expr, $wbs:expr, $is_q4k:expr, $unpack:ident, $body:ident) => {{
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn prep_r(nb: usize, w: *const u8, buf: *mut u8, r: usize) {
+            for blk in 0..nb {
+                let (q, s, extra, d, dmin) = $unpack!(w.add(blk * $wbs));
+                let sl = buf.add((blk * RB + r) * KS);
+                for j in 0..8 {
+                    _mm256_storeu_si256(sl.add(32 * j) as *mut __m256i, q[j]);
+                    _mm256_storeu_si256(sl.add(256 + 32 * j) as *mut __m256i, s[j]);
+                }
+                _mm256_storeu_si256(sl.add(512) as *mut __m256i, extra);
+                (sl.add(544) as *mut f32).write_unaligned(d);
+                (sl.add(548) as *mut f32).write_unaligned(dmin);
+            }
+        }
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn tile_t<const R: usize, const T: usize>(
+            nb: usize, buf: *const u8, r0: usize, x: *const u8, xs: usize, out: &mut [f32],
+        ) {
+            kq_tile!(false, $is_q4k, R, T, nb, buf, r0, x, xs, out)
+        }
+        #[target_feature(enable = "avx2,fma,f16c,avxvnni,avx512f,avx512vl")]
+        unsafe fn tile_v<const R: usize, const T: usize>(
+            nb: usize, buf: *const u8, r0: usize, x: *const u8, xs: usize, out: &mut [f32],
+        ) {
+            kq_tile!(true, $is_q4k, R, T, nb, buf, r0, x, xs, out)
+        }
+        fn prep(n: usize, w: &[u8], ws: usize, nr: usize, buf: &mut Vec<u8>) {
+            assert!((1..=RB).contains(&nr), "tile prep: {nr} rows");
+            assert!(n % 256 == 0, "tile prep: {n} elements");
+            let nb = n / 256;
+            let wrb = nb * $wbs;
+            assert!(ws >= wrb && w.len() >= (nr - 1) * ws + wrb, "tile prep: weight rows too short");
+            // Every byte the tile kernel reads for these rows is written below: no clearing.
+            if buf.len() < nb * RB * KS {
+                buf.resize(nb * RB * KS, 0);
+            }
+            for r in 0..nr {
+                // SAFETY: lengths checked above; avx2/fma/f16c detected at run time.
+                unsafe { prep_r(nb, w[r * ws..].as_ptr(), buf.as_mut_ptr(), r) };
+            }
+        }
+        fn xprep(_: usize, _: &[u8], _: usize, _: usize, xsc: &mut Vec<f32>) {
+            xsc.clear();
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn tile(n: usize, buf: &[u8], nr: usize, x: &[u8], xs: usize, _: &[f32], nt: usize, out: &mut Out) {
+            assert!((1..=RB).contains(&nr) && (1..=TILE_TOKENS).contains(&nt), "tile kernel: {nr}x{nt}");
+            assert!(n % 256 == 0, "tile kernel: {n} elements");
+            let nb = n / 256;
+            assert!(buf.len() >= nb * RB * KS, "tile kernel: working buffer too short");
+            assert!(xs >= nb * 292 && x.len() >= (nt - 1) * xs + nb * 292, "tile kernel: activations too short");
+            let (b, x) = (buf.as_ptr(), x.as_ptr());
+            macro_rules! go {
+                ($R:expr, $r0:expr, $o:expr) => {
+                    match (nt, vnni()) {
+                        (1, true) => tile_v::<$R, 1>(nb, b, $r0, x, xs, $o),
+                        (2, true) => tile_v::<$R, 2>(nb, b, $r0, x, xs, $o),
+                        (3, true) => tile_v::<$R, 3>(nb, b, $r0, x, xs, $o),
+                        (_, true) => tile_v::<$R, 4>(nb, b, $r0, x, xs, $o),
+                        (1, false) => tile_t::<$R, 1>(nb, b, $r0, x, xs, $o),
+                        (2, false) => tile_t::<$R, 2>(nb, b, $r0, x, xs, $o),
+                        (3, false) => tile_t::<$R, 3>(nb, b, $r0, x, xs, $o),
+                        (_, false) => tile_t::<$R, 4>(nb, b, $r0, x, xs, $o),
+                    }
+                };
+            }
+            // SAFETY: lengths checked above; avx2/fma/f16c (and avxvnni) detected at run time.
+            unsafe {
+                if nr == RB {
+                    go!(RB, 0, &mut out[..])
+                } else {
+                    for r in 0..nr {
+                        go!(1, r, &mut out[r * TILE_TOKENS..])
+                    }
+                }
+            }
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn direct(n: usize, w: &[u8], ws: usize, nr: usize, x: &[u8], xs: usize, nt: usize, out: &mut Out) {
+            assert!((1..=RB).contains(&nr) && (1..=TILE_TOKENS).contains(&nt), "tile kernel: {nr}x{nt}");
+            let nb = check_row($ty, n, w, x);
+            let wrb = nb * $wbs;
+            assert!(ws >= wrb && w.len() >= (nr - 1) * ws + wrb, "tile kernel: weight rows too short");
+            assert!(xs >= nb * 292 && x.len() >= (nt - 1) * xs + nb * 292, "tile kernel: activations too short");
+            for r in 0..nr {
+                let (wp, xp, o) = (w[r * ws..].as_ptr(), x.as_ptr(), &mut out[r * TILE_TOKENS..r * TILE_TOKENS + nt]);
+                // SAFETY: lengths checked above; avx2/fma/f16c detected at run time.
+                unsafe {
+                    match nt {
+                        1 => $body::<1>(nb, wp, xp, xs, o),
+                        2 => $body::<2>(nb, wp, xp, xs, o),
+                        3 => $body::<3>(nb, wp, xp, xs, o),
+                        _ => $body::<4>(nb, wp, xp, xs, o),
+                    }
+                }
+            }
+        }
+        TileKernel { prep, xprep, tile, direct }
+    }};
+}
+
 /// K-quant tiles: the working layout is the raw rows (back to back); rows go one after another
 /// through the one-row multi-token bodies.
 macro_rules! k_kernel {
@@ -486,9 +712,9 @@ pub(crate) fn dot_tile_fn(ty: GgmlType) -> Option<TileKernel> {
             let qh = (wb.add(4) as *const u32).read_unaligned();
             _mm256_or_si256(unpack_nibbles16(wb.add(8)), _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10)))
         }),
-        GgmlType::Q4K => k_kernel!(GgmlType::Q4K, 144, q4k_m),
+        GgmlType::Q4K => kq_kernel!(GgmlType::Q4K, 144, true, q4k_unpack, q4k_m),
         GgmlType::Q5K => k_kernel!(GgmlType::Q5K, 176, q5k_m),
-        GgmlType::Q6K => k_kernel!(GgmlType::Q6K, 210, q6k_m),
+        GgmlType::Q6K => kq_kernel!(GgmlType::Q6K, 210, false, q6k_unpack, q6k_m),
         _ => return None,
     })
 }

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 pub(crate) type DotFn = fn(usize, &[u8], &[u8]) -> f32;
 
 /// Most weight rows one tile kernel call handles.
-pub(crate) const TILE_ROWS: usize = 2;
+pub(crate) const TILE_ROWS: usize = 4;
 /// Most activation rows (tokens) one tile kernel call handles.
 pub(crate) const TILE_TOKENS: usize = 4;
 

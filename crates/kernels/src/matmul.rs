@@ -186,7 +186,7 @@ impl QMatrix {
         // Tiles: a group of token rows small enough to stay in L1 (~16 KiB, a multiple of the
         // 4-token kernel width) against a block of weight rows that stays in L2 (~256 KiB):
         // weights stream from memory once, then from L2 once per token group.
-        let tok_tile = ((16 * 1024 / xrb.max(1)) & !3).clamp(4, 64);
+        let tok_tile = ((48 * 1024 / xrb.max(1)) & !3).clamp(8, 64);
         let row_tile = (256 * 1024 / wrb.max(1)).clamp(1, 1024);
         let mut rt = r0;
         while rt < r1 {
