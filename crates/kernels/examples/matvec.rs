@@ -61,7 +61,10 @@ fn prefill(min_secs: f64) {
     let pool1 = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let pool2 = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     println!("prefill GMAC/s (in x out; best of {min_secs} s)");
-    println!("{:5} {:>10} | {:>7} {:>7} {:>7} {:>7} | {:>7} {:>7} {:>7} {:>7}", "type", "in x out", "1t n=1", "n=4", "n=64", "n=512", "2t n=1", "n=4", "n=64", "n=512");
+    println!(
+        "{:5} {:>10} | {:>7} {:>7} {:>7} {:>7} | {:>7} {:>7} {:>7} {:>7}",
+        "type", "in x out", "1t n=1", "n=4", "n=64", "n=512", "2t n=1", "n=4", "n=64", "n=512"
+    );
     for &(ty, cols, rows, offs) in cases {
         let m = random_matrix(ty, rows, cols, offs);
         let mut line = format!("{:5} {:>10} |", ty.name(), format!("{cols}x{rows}"));
@@ -101,7 +104,9 @@ fn main() {
     ];
     let pool1 = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let pool2 = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    for &(ty, rows, cols, offs) in cases {
+    // `only=TYPE`: just that weight type.
+    let only = std::env::args().find_map(|a| a.strip_prefix("only=").map(str::to_owned));
+    for &(ty, rows, cols, offs) in cases.iter().filter(|c| only.as_ref().is_none_or(|o| o == c.0.name())) {
         let m = random_matrix(ty, rows, cols, offs);
         let bytes = m.data().len() as f64;
         let x: Vec<f32> = (0..cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();

@@ -4,15 +4,16 @@
 //! too, see [`crate::matmul`]). Only reachable after run-time detection (see
 //! [`crate::dot::dot_tile_fn`]).
 //!
-//! The legacy quants have a second build using AVX-VNNI (`vpdpbusd`) where the CPU has it. All
-//! integer block sums are exact in either build and every float operation is the same, so both
-//! builds (and every tile shape) give the same bits.
+//! Every kernel has a second build for CPUs with AVX512-VNNI and AVX512-VL: 256-bit vectors
+//! still, but `vpdpbusd` / `vpdpwssd` for the integer sums and 32 vector registers for the
+//! 4 x 4 accumulator tiles. All integer block sums are exact in either build and every float
+//! operation is the same, so both builds (and every tile shape, and the direct few-token path)
+//! give the same bits.
 
 #![allow(unsafe_op_in_unsafe_fn)]
 
 use crate::avx2::{
-    bits_to_bytes, hsum_ps, k4_scales_mins, ld_f16, ld_f16x4, ld128, ld256, q8k_pair_sums,
-    unpack_nibbles16,
+    bits_to_bytes, hsum_ps, k4_scales_mins, ld_f16, ld_f16x4, ld128, ld256, q8k_pair_sums, unpack_nibbles16,
 };
 use crate::dot::{TILE_ROWS, TILE_TOKENS, TileKernel, check_row};
 use crate::types::GgmlType;
@@ -22,12 +23,13 @@ use std::sync::OnceLock;
 type Out = [f32; TILE_ROWS * TILE_TOKENS];
 const RB: usize = TILE_ROWS;
 
-/// Whether the AVX-VNNI builds are used (detected once; `SPECSWARM_KERNELS_NO_VNNI` disables).
+/// Whether the VNNI builds are used: AVX512-VNNI and AVX512-VL detected (once);
+/// `SPECSWARM_KERNELS_NO_VNNI` disables them.
 fn vnni() -> bool {
     static V: OnceLock<bool> = OnceLock::new();
     *V.get_or_init(|| {
         std::env::var_os("SPECSWARM_KERNELS_NO_VNNI").is_none()
-            && std::arch::is_x86_feature_detected!("avxvnni")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
             && std::arch::is_x86_feature_detected!("avx512vl")
     })
 }
@@ -83,7 +85,7 @@ macro_rules! legacy_prep {
                 if $mode == Q8 {
                     if $vnni {
                         _mm256_storeu_si256(buf.add(o) as *mut __m256i, q);
-                        let c = _mm256_sub_epi32(zero, _mm256_dpbusd_avx_epi32(zero, off, q));
+                        let c = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, off, q));
                         _mm256_storeu_si256(aux.add(o) as *mut __m256i, c);
                     } else {
                         _mm256_storeu_si256(buf.add(o) as *mut __m256i, _mm256_sign_epi8(q, q));
@@ -113,8 +115,16 @@ macro_rules! legacy_prep {
 macro_rules! legacy_tile {
     ($vnni:expr, $direct:expr, $R:ident, $T:ident, $nb:expr, $src:expr, $ws:expr, $r0:expr, $x:expr, $xs:expr,
      $xsc:expr, $out:expr, $wbs:expr, $xbs:expr, $xqo:expr, $has_m:expr, $mode:expr, |$wb:ident| $prep:expr) => {{
-        let (nb, src, ws, r0, x, xs, xsc, out): (usize, *const u8, usize, usize, *const u8, usize, *const f32, &mut [f32]) =
-            ($nb, $src, $ws, $r0, $x, $xs, $xsc, $out);
+        let (nb, src, ws, r0, x, xs, xsc, out): (
+            usize,
+            *const u8,
+            usize,
+            usize,
+            *const u8,
+            usize,
+            *const f32,
+            &mut [f32],
+        ) = ($nb, $src, $ws, $r0, $x, $xs, $xsc, $out);
         let xss = if $has_m { 2 * nb } else { nb };
         let zero = _mm256_setzero_si256();
         let ones = _mm256_set1_epi16(1);
@@ -140,7 +150,7 @@ macro_rules! legacy_tile {
                         if $mode == Q8 {
                             if $vnni {
                                 a[r] = q;
-                                aux[r] = _mm256_sub_epi32(zero, _mm256_dpbusd_avx_epi32(zero, off, q));
+                                aux[r] = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, off, q));
                             } else {
                                 a[r] = _mm256_sign_epi8(q, q);
                                 aux[r] = q;
@@ -168,7 +178,7 @@ macro_rules! legacy_tile {
                 } else if $mode == U {
                     (xv, zero)
                 } else if $vnni {
-                    (xv, _mm256_sub_epi32(zero, _mm256_dpbusd_avx_epi32(zero, off, xv)))
+                    (xv, _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, off, xv)))
                 } else {
                     (xv, _mm256_madd_epi16(_mm256_maddubs_epi16(off, xv), ones))
                 }
@@ -179,18 +189,18 @@ macro_rules! legacy_tile {
             ($a:expr, $aux:expr, $xv:expr, $tc:expr) => {{
                 if $mode == Q8 {
                     if $vnni {
-                        _mm256_dpbusd_avx_epi32($aux, $xv, $a)
+                        _mm256_dpbusd_epi32($aux, $xv, $a)
                     } else {
                         _mm256_madd_epi16(_mm256_maddubs_epi16($a, _mm256_sign_epi8($xv, $aux)), ones)
                     }
                 } else if $mode == U {
                     if $vnni {
-                        _mm256_dpbusd_avx_epi32(zero, $a, $xv)
+                        _mm256_dpbusd_epi32(zero, $a, $xv)
                     } else {
                         _mm256_madd_epi16(_mm256_maddubs_epi16($a, $xv), ones)
                     }
                 } else if $vnni {
-                    _mm256_dpbusd_avx_epi32($tc, $a, $xv)
+                    _mm256_dpbusd_epi32($tc, $a, $xv)
                 } else {
                     _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16($a, $xv), ones), $tc)
                 }
@@ -221,6 +231,15 @@ macro_rules! legacy_tile {
         }
         let mut i = 0;
         while i + 4 <= nb {
+            if $direct && $T == 1 {
+                // Streaming one token (decode): fetch the same stretch of the next row group.
+                for r in 0..$R {
+                    let p = src.wrapping_add(($R + r) * ws + i * $wbs) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(p);
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * $wbs - 1));
+                }
+            }
             let mut wd = [(_mm_setzero_ps(), _mm_setzero_ps()); $R];
             for r in 0..$R {
                 wd[r] = wsc4!(r, i);
@@ -295,28 +314,49 @@ macro_rules! legacy_kernel {
         unsafe fn prep_t<const R: usize>(nb: usize, w: *const u8, ws: usize, buf: *mut u8) {
             legacy_prep!(false, R, nb, w, ws, buf, $wbs, $has_m, $mode, |$wb| $prep)
         }
-        #[target_feature(enable = "avx2,fma,f16c,avxvnni,avx512f,avx512vl")]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
         unsafe fn prep_v<const R: usize>(nb: usize, w: *const u8, ws: usize, buf: *mut u8) {
             legacy_prep!(true, R, nb, w, ws, buf, $wbs, $has_m, $mode, |$wb| $prep)
         }
         #[target_feature(enable = "avx2,fma,f16c")]
         #[allow(clippy::too_many_arguments)]
         unsafe fn tile_t<const D: bool, const R: usize, const T: usize>(
-            nb: usize, src: *const u8, ws: usize, r0: usize, x: *const u8, xs: usize, xsc: *const f32, out: &mut [f32],
+            nb: usize,
+            src: *const u8,
+            ws: usize,
+            r0: usize,
+            x: *const u8,
+            xs: usize,
+            xsc: *const f32,
+            out: &mut [f32],
         ) {
             legacy_tile!(false, D, R, T, nb, src, ws, r0, x, xs, xsc, out, $wbs, $xbs, $xqo, $has_m, $mode, |$wb| $prep)
         }
-        #[target_feature(enable = "avx2,fma,f16c,avxvnni,avx512f,avx512vl")]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
         #[allow(clippy::too_many_arguments)]
         unsafe fn tile_v<const D: bool, const R: usize, const T: usize>(
-            nb: usize, src: *const u8, ws: usize, r0: usize, x: *const u8, xs: usize, xsc: *const f32, out: &mut [f32],
+            nb: usize,
+            src: *const u8,
+            ws: usize,
+            r0: usize,
+            x: *const u8,
+            xs: usize,
+            xsc: *const f32,
+            out: &mut [f32],
         ) {
             legacy_tile!(true, D, R, T, nb, src, ws, r0, x, xs, xsc, out, $wbs, $xbs, $xqo, $has_m, $mode, |$wb| $prep)
         }
         /// Run the tile bodies over `nr` rows (`D`: raw rows `ws` apart, else the working layout).
         #[allow(clippy::too_many_arguments)]
         unsafe fn run<const D: bool>(
-            nb: usize, b: *const u8, ws: usize, nr: usize, x: *const u8, xs: usize, xsc: *const f32, nt: usize,
+            nb: usize,
+            b: *const u8,
+            ws: usize,
+            nr: usize,
+            x: *const u8,
+            xs: usize,
+            xsc: *const f32,
+            nt: usize,
             out: &mut Out,
         ) {
             macro_rules! go {
@@ -353,7 +393,7 @@ macro_rules! legacy_kernel {
                 buf.resize(legacy_buf_len(nb), 0);
             }
             let (w, b) = (w.as_ptr(), buf.as_mut_ptr());
-            // SAFETY: lengths checked above; avx2/fma/f16c (and avxvnni) detected at run time.
+            // SAFETY: lengths checked above; avx2/fma/f16c (and avx512vl, avx512vnni) detected at run time.
             unsafe {
                 match (nr == RB, vnni()) {
                     (true, true) => prep_v::<RB>(nb, w, ws, b),
@@ -363,7 +403,11 @@ macro_rules! legacy_kernel {
                         // to its place before row 0 is reused.
                         for r in (0..nr).rev() {
                             let wr = w.add(r * ws);
-                            if v { prep_v::<1>(nb, wr, ws, b) } else { prep_t::<1>(nb, wr, ws, b) }
+                            if v {
+                                prep_v::<1>(nb, wr, ws, b)
+                            } else {
+                                prep_t::<1>(nb, wr, ws, b)
+                            }
                             if r > 0 {
                                 move_row(nb, b, r);
                             }
@@ -384,7 +428,7 @@ macro_rules! legacy_kernel {
             assert!(buf.len() >= legacy_buf_len(nb), "tile kernel: working buffer too short");
             assert!(xs >= nb * $xbs && x.len() >= (nt - 1) * xs + nb * $xbs, "tile kernel: activations too short");
             assert!(xsc.len() >= nt * xss, "tile kernel: activation scales too short");
-            // SAFETY: lengths checked above; avx2/fma/f16c (and avxvnni) detected at run time.
+            // SAFETY: lengths checked above; avx2/fma/f16c (and avx512vl, avx512vnni) detected at run time.
             unsafe { run::<false>(nb, buf.as_ptr(), 0, nr, x.as_ptr(), xs, xsc.as_ptr(), nt, out) }
         }
         #[allow(clippy::too_many_arguments)]
@@ -394,7 +438,7 @@ macro_rules! legacy_kernel {
             let nb = n / 32;
             assert!(ws >= nb * $wbs && w.len() >= (nr - 1) * ws + nb * $wbs, "tile kernel: weight rows too short");
             assert!(xs >= nb * $xbs && x.len() >= (nt - 1) * xs + nb * $xbs, "tile kernel: activations too short");
-            // SAFETY: lengths checked above; avx2/fma/f16c (and avxvnni) detected at run time.
+            // SAFETY: lengths checked above; avx2/fma/f16c (and avx512vl, avx512vnni) detected at run time.
             unsafe { run::<true>(nb, w.as_ptr(), ws, nr, x.as_ptr(), xs, std::ptr::null(), nt, out) }
         }
         TileKernel { prep, xprep, tile, direct }
@@ -454,8 +498,10 @@ macro_rules! q6k_unpack {
             let hb = |v: __m256i| _mm256_slli_epi16(_mm256_and_si256(v, m2), 4);
             q[4 * h] = _mm256_or_si256(_mm256_and_si256(ql0, m4), hb(qh));
             q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), hb(_mm256_srli_epi16(qh, 2)));
-            q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), hb(_mm256_srli_epi16(qh, 4)));
-            q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), hb(_mm256_srli_epi16(qh, 6)));
+            q[4 * h + 2] =
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), hb(_mm256_srli_epi16(qh, 4)));
+            q[4 * h + 3] =
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), hb(_mm256_srli_epi16(qh, 6)));
             let sc = wb.add(192 + 8 * h) as *const i8;
             for k in 0..4 {
                 s[4 * h + k] =
@@ -511,7 +557,7 @@ macro_rules! kq_tile {
                     for r in 0..$R {
                         let p = _mm256_maddubs_epi16(q[r], xv);
                         sumi[r][t] = if $vnni {
-                            _mm256_dpwssd_avx_epi32(sumi[r][t], p, s[r])
+                            _mm256_dpwssd_epi32(sumi[r][t], p, s[r])
                         } else {
                             _mm256_add_epi32(sumi[r][t], _mm256_madd_epi16(p, s[r]))
                         };
@@ -554,13 +600,23 @@ macro_rules! kq_kernel {
         }
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn tile_t<const R: usize, const T: usize>(
-            nb: usize, buf: *const u8, r0: usize, x: *const u8, xs: usize, out: &mut [f32],
+            nb: usize,
+            buf: *const u8,
+            r0: usize,
+            x: *const u8,
+            xs: usize,
+            out: &mut [f32],
         ) {
             kq_tile!(false, $is_q4k, R, T, nb, buf, r0, x, xs, out)
         }
-        #[target_feature(enable = "avx2,fma,f16c,avxvnni,avx512f,avx512vl")]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
         unsafe fn tile_v<const R: usize, const T: usize>(
-            nb: usize, buf: *const u8, r0: usize, x: *const u8, xs: usize, out: &mut [f32],
+            nb: usize,
+            buf: *const u8,
+            r0: usize,
+            x: *const u8,
+            xs: usize,
+            out: &mut [f32],
         ) {
             kq_tile!(true, $is_q4k, R, T, nb, buf, r0, x, xs, out)
         }
@@ -604,7 +660,7 @@ macro_rules! kq_kernel {
                     }
                 };
             }
-            // SAFETY: lengths checked above; avx2/fma/f16c (and avxvnni) detected at run time.
+            // SAFETY: lengths checked above; avx2/fma/f16c (and avx512vl, avx512vnni) detected at run time.
             unsafe {
                 if nr == RB {
                     go!(RB, 0, &mut out[..])
@@ -718,7 +774,6 @@ pub(crate) fn dot_tile_fn(ty: GgmlType) -> Option<TileKernel> {
         _ => return None,
     })
 }
-
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
