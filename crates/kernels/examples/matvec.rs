@@ -1,6 +1,6 @@
 //! Matrix x vector (decode) throughput: scalar reference vs AVX2, 1 and 2 threads.
 //!
-//! `cargo run --release -p specswarm-kernels --example matvec [-- quick]`
+//! `cargo run --release -p specswarm-kernels --example matvec [-- quick] [prefill]`
 use specswarm_kernels::{GgmlType, QMatrix, quantize_row, simd_available, vec_dot_scalar};
 use std::time::Instant;
 
@@ -42,8 +42,52 @@ fn time<F: FnMut()>(min_secs: f64, mut f: F) -> f64 {
     best
 }
 
+/// Prefill / verification shapes of Gemma 3 270M and SmolLM2: GMAC/s at several token counts.
+fn prefill(min_secs: f64) {
+    // (type, in (cols), out (rows), f16 scale offsets)
+    let cases: &[(GgmlType, usize, usize, &[usize])] = &[
+        (GgmlType::Q5_0, 640, 1024, &[0]),
+        (GgmlType::Q5_0, 640, 256, &[0]),
+        (GgmlType::Q5_0, 640, 2048, &[0]),
+        (GgmlType::Q8_0, 640, 1024, &[0]),
+        (GgmlType::Q8_0, 640, 256, &[0]),
+        (GgmlType::Q8_0, 640, 2048, &[0]),
+        (GgmlType::Q4K, 1024, 640, &[0, 2]),
+        (GgmlType::Q4K, 2048, 640, &[0, 2]),
+        (GgmlType::Q6K, 2048, 640, &[208]),
+        (GgmlType::Q4_1, 576, 1536, &[0, 2]),
+        (GgmlType::Q4_1, 1536, 576, &[0, 2]),
+    ];
+    let pool1 = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let pool2 = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    println!("prefill GMAC/s (in x out; best of {min_secs} s)");
+    println!(
+        "{:5} {:>10} | {:>7} {:>7} {:>7} {:>7} | {:>7} {:>7} {:>7} {:>7}",
+        "type", "in x out", "1t n=1", "n=4", "n=64", "n=512", "2t n=1", "n=4", "n=64", "n=512"
+    );
+    for &(ty, cols, rows, offs) in cases {
+        let m = random_matrix(ty, rows, cols, offs);
+        let mut line = format!("{:5} {:>10} |", ty.name(), format!("{cols}x{rows}"));
+        for pool in [&pool1, &pool2] {
+            for nt in [1usize, 4, 64, 512] {
+                let x: Vec<f32> = (0..cols * nt).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+                let mut y = vec![0.0f32; rows * nt];
+                let mut scratch = Vec::new();
+                let t = time(min_secs, || pool.install(|| m.matmul_with_scratch(&x, nt, &mut y, &mut scratch)));
+                line += &format!(" {:7.1}", (rows * cols * nt) as f64 / t / 1e9);
+            }
+            line += " |";
+        }
+        println!("{line}");
+    }
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
+    if std::env::args().any(|a| a == "prefill") {
+        prefill(if quick { 0.15 } else { 0.5 });
+        return;
+    }
     let min_secs = if quick { 0.2 } else { 1.0 };
     println!("simd (avx2+fma+f16c): {}", simd_available());
     let cases: &[(GgmlType, usize, usize, &[usize])] = &[
@@ -60,7 +104,9 @@ fn main() {
     ];
     let pool1 = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let pool2 = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    for &(ty, rows, cols, offs) in cases {
+    // `only=TYPE`: just that weight type.
+    let only = std::env::args().find_map(|a| a.strip_prefix("only=").map(str::to_owned));
+    for &(ty, rows, cols, offs) in cases.iter().filter(|c| only.as_ref().is_none_or(|o| o == c.0.name())) {
         let m = random_matrix(ty, rows, cols, offs);
         let bytes = m.data().len() as f64;
         let x: Vec<f32> = (0..cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();

@@ -79,23 +79,6 @@ pub(crate) unsafe fn mul_sum_u8_i8(u: __m256i, s: __m256i) -> __m256 {
     _mm256_cvtepi32_ps(sum_i16_pairs(_mm256_maddubs_epi16(u, s)))
 }
 
-/// [`mul_sum_u8_i8`] with one AVX-VNNI instruction. The integer sums are identical (the
-/// operand ranges never saturate the i16 intermediate of the two-instruction form), so the
-/// results are bit-identical and the kernels stay batch-invariant whichever form runs.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-pub(crate) unsafe fn mul_sum_u8_i8_vnni(u: __m256i, s: __m256i) -> __m256 {
-    _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s))
-}
-
-/// Whether the CPU has AVX-VNNI (checked once; `SPECSWARM_KERNELS_NO_VNNI` disables it).
-pub(crate) fn vnni_available() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| {
-        std::env::var_os("SPECSWARM_KERNELS_NO_VNNI").is_none() && std::arch::is_x86_feature_detected!("avxvnni")
-    })
-}
-
 /// i8 x i8 products summed in groups of 4 into i32 lanes, as f32 (values must not be -128
 /// in `b`; `a` may be -128).
 #[inline]

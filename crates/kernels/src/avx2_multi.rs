@@ -1,169 +1,779 @@
-//! AVX2 multi-token row kernels: one weight row against up to four activation rows, so each
-//! weight block is loaded and unpacked once per group of tokens (speculative verification,
-//! prefill). Only reachable after run-time detection (see [`crate::dot::dot_multi_fn`]).
+//! AVX2 tile kernels: up to [`TILE_ROWS`] weight rows against up to [`TILE_TOKENS`] activation
+//! rows, so each weight block is loaded and unpacked once per group of tokens and each
+//! activation block once per group of rows (speculative verification, prefill; single tokens
+//! too, see [`crate::matmul`]). Only reachable after run-time detection (see
+//! [`crate::dot::dot_tile_fn`]).
+//!
+//! Every kernel has a second build for CPUs with AVX512-VNNI and AVX512-VL: 256-bit vectors
+//! still, but `vpdpbusd` / `vpdpwssd` for the integer sums and 32 vector registers for the
+//! 4 x 4 accumulator tiles. All integer block sums are exact in either build and every float
+//! operation is the same, so both builds (and every tile shape, and the direct few-token path)
+//! give the same bits.
 
 #![allow(unsafe_op_in_unsafe_fn)]
 
 use crate::avx2::{
-    bits_to_bytes, hsum_ps, k4_scales_mins, ld_f16, ld_f16pairs_x4, ld_f16x4, ld128, ld256, mul_sum_u8_i8,
-    mul_sum_u8_i8_vnni, q8k_pair_sums, unpack_nibbles16, vnni_available,
+    bits_to_bytes, hsum_ps, k4_scales_mins, ld_f16, ld_f16x4, ld128, ld256, q8k_pair_sums, unpack_nibbles16,
 };
-use crate::dot::{DotMultiFn, check_row};
+use crate::dot::{TILE_ROWS, TILE_TOKENS, TileKernel, check_row};
 use crate::types::GgmlType;
 use std::arch::x86_64::*;
+use std::sync::OnceLock;
 
-/// Most activation rows one multi-token kernel call handles.
-pub(crate) const MAX_TOKENS: usize = 4;
+type Out = [f32; TILE_ROWS * TILE_TOKENS];
+const RB: usize = TILE_ROWS;
 
-pub(crate) fn dot_multi_fn(ty: GgmlType) -> Option<DotMultiFn> {
-    macro_rules! wrap {
-        ($t:expr, $body:ident) => {{
-            fn f(n: usize, w: &[u8], x: &[u8], stride: usize, out: &mut [f32]) {
-                let nt = out.len();
-                assert!((1..=MAX_TOKENS).contains(&nt), "multi-token kernel: {nt} tokens");
-                let nb = check_row($t, n, w, x);
-                let xrb = $t.vec_dot_type().row_bytes(n).unwrap_or(usize::MAX);
-                assert!(
-                    stride >= xrb && x.len() >= (nt - 1) * stride + xrb,
-                    "multi-token kernel: activation rows too short"
-                );
-                let (w, x) = (w.as_ptr(), x.as_ptr());
-                // SAFETY: lengths checked above; handed out only after run-time detection of
-                // avx2, fma and f16c.
-                unsafe {
-                    match nt {
-                        1 => $body::<1>(nb, w, x, stride, out),
-                        2 => $body::<2>(nb, w, x, stride, out),
-                        3 => $body::<3>(nb, w, x, stride, out),
-                        _ => $body::<4>(nb, w, x, stride, out),
-                    }
-                }
-            }
-            f as DotMultiFn
-        }};
-    }
-    let vnni = vnni_available();
-    Some(match ty {
-        GgmlType::Q4_0 if vnni => wrap!(GgmlType::Q4_0, q4_0_m_vnni),
-        GgmlType::Q4_1 if vnni => wrap!(GgmlType::Q4_1, q4_1_m_vnni),
-        GgmlType::Q5_0 if vnni => wrap!(GgmlType::Q5_0, q5_0_m_vnni),
-        GgmlType::Q5_1 if vnni => wrap!(GgmlType::Q5_1, q5_1_m_vnni),
-        GgmlType::Q8_0 if vnni => wrap!(GgmlType::Q8_0, q8_0_m_vnni),
-        GgmlType::Q4_0 => wrap!(GgmlType::Q4_0, q4_0_m),
-        GgmlType::Q4_1 => wrap!(GgmlType::Q4_1, q4_1_m),
-        GgmlType::Q5_0 => wrap!(GgmlType::Q5_0, q5_0_m),
-        GgmlType::Q5_1 => wrap!(GgmlType::Q5_1, q5_1_m),
-        GgmlType::Q8_0 => wrap!(GgmlType::Q8_0, q8_0_m),
-        GgmlType::Q4K => wrap!(GgmlType::Q4K, q4k_m),
-        GgmlType::Q5K => wrap!(GgmlType::Q5K, q5k_m),
-        GgmlType::Q6K => wrap!(GgmlType::Q6K, q6k_m),
-        _ => return None,
+/// Whether the VNNI builds are used: AVX512-VNNI and AVX512-VL detected (once);
+/// `SPECSWARM_KERNELS_NO_VNNI` disables them.
+fn vnni() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var_os("SPECSWARM_KERNELS_NO_VNNI").is_none()
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl")
     })
 }
 
-/// One weight block unpacked to 32 bytes (`$prep`), multiplied with `T` activation blocks.
-/// `$signed`: the unpacked weights are i8 (sign trick), otherwise u8. `$has_m`: weight has
-/// `(d, m)`, activation `(d, s)` at the block start and `m * s` is added per block.
-/// Blocks go four at a time with their scales converted together (as in the 1-token kernels).
-macro_rules! legacy_multi {
-    ($T:ident, $mul:ident, $nb:expr, $w:expr, $x:expr, $stride:expr, $out:expr, $wbs:expr, $xbs:expr, $xqo:expr,
-     $has_m:expr, $signed:expr, |$wb:ident| $prep:expr) => {{
-        let (nb, w, x, stride, out): (usize, *const u8, *const u8, usize, &mut [f32]) = ($nb, $w, $x, $stride, $out);
-        let mut acc = [_mm256_setzero_ps(); $T];
-        let mut accm = [_mm256_setzero_ps(); $T];
-        let mut summ = [0.0f32; $T];
-        let lane = |k: i32| _mm256_set1_epi32(if $has_m { 2 * k } else { k });
-        let idx = [lane(0), lane(1), lane(2), lane(3)];
-        let mut i = 0;
-        while i + 4 <= nb {
-            let wp = w.add(i * $wbs);
-            let mut q = [_mm256_setzero_si256(); 4];
-            let mut qa = [_mm256_setzero_si256(); 4];
-            for k in 0..4 {
-                let $wb = wp.add(k * $wbs);
-                q[k] = $prep;
-                qa[k] = if $signed { _mm256_sign_epi8(q[k], q[k]) } else { q[k] };
+/// Legacy working layout for `nb` blocks of `RB` rows: unpacked operands `A[(blk * RB + r) * 32]`,
+/// auxiliary vectors `AUX` (same shape), f32 scales `D[r * nb + blk]`, f32 mins `M` (same).
+fn legacy_buf_len(nb: usize) -> usize {
+    nb * RB * (64 + 8)
+}
+
+/// Per-token tables of the legacy kernels: `d` of every block, then (with `has_m`) `s`.
+fn legacy_xprep(nb: usize, x: &[u8], xs: usize, nt: usize, xbs: usize, has_m: bool, xsc: &mut Vec<f32>) {
+    let per = nb * if has_m { 2 } else { 1 };
+    assert!(nt == 0 || (xs >= nb * xbs && x.len() >= (nt - 1) * xs + nb * xbs), "xprep: activation rows too short");
+    xsc.clear();
+    xsc.resize(nt * per, 0.0);
+    for t in 0..nt {
+        let row = &x[t * xs..];
+        let dst = &mut xsc[t * per..(t + 1) * per];
+        for i in 0..nb {
+            let b = &row[i * xbs..];
+            dst[i] = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            if has_m {
+                dst[nb + i] = half::f16::from_bits(u16::from_le_bytes([b[2], b[3]])).to_f32();
             }
-            let (wsc2, wsc1) = if $has_m {
-                (ld_f16pairs_x4(wp, $wbs), _mm_setzero_ps())
-            } else {
-                (_mm256_setzero_ps(), ld_f16x4(wp, $wbs))
-            };
-            for t in 0..$T {
-                let xp = x.add(t * stride + i * $xbs);
-                let sc = if $has_m {
-                    let p = _mm256_mul_ps(wsc2, ld_f16pairs_x4(xp, $xbs));
-                    accm[t] = _mm256_add_ps(accm[t], p);
-                    p
+        }
+    }
+}
+
+/// Integer modes of the legacy tile kernel.
+/// `U`: unpacked weights are u8 (Q4_1, Q5_1), products u8 x i8 directly.
+/// `Q8`: weights are i8 (Q8_0): sign trick (AVX2) or activations offset by 128 with the row
+/// correction `128 * sum(w)` taken off (VNNI).
+/// Any other value `o`: weights unpacked to `w + o >= 0` (Q4_0: 8, Q5_0: 16) and the token
+/// correction `o * sum(x)` taken off.
+const U: u8 = 0;
+const Q8: u8 = 128;
+
+/// Unpack `R` rows of a legacy type into the working layout (rows from `r0`).
+macro_rules! legacy_prep {
+    ($vnni:expr, $R:ident, $nb:expr, $w:expr, $ws:expr, $buf:expr, $wbs:expr, $has_m:expr, $mode:expr, |$wb:ident| $prep:expr) => {{
+        let (nb, w, ws, buf): (usize, *const u8, usize, *mut u8) = ($nb, $w, $ws, $buf);
+        let zero = _mm256_setzero_si256();
+        let off = _mm256_set1_epi8($mode as i8);
+        let aux = buf.add(nb * RB * 32);
+        let dd = buf.add(nb * RB * 64) as *mut f32;
+        let mm = dd.add(nb * RB);
+        for blk in 0..nb {
+            for r in 0..$R {
+                let $wb = w.add(r * ws + blk * $wbs);
+                let q: __m256i = $prep;
+                let o = (blk * RB + r) * 32;
+                if $mode == Q8 {
+                    if $vnni {
+                        _mm256_storeu_si256(buf.add(o) as *mut __m256i, q);
+                        let c = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, off, q));
+                        _mm256_storeu_si256(aux.add(o) as *mut __m256i, c);
+                    } else {
+                        _mm256_storeu_si256(buf.add(o) as *mut __m256i, _mm256_sign_epi8(q, q));
+                        _mm256_storeu_si256(aux.add(o) as *mut __m256i, q);
+                    }
                 } else {
-                    _mm256_castps128_ps256(_mm_mul_ps(wsc1, ld_f16x4(xp, $xbs)))
-                };
-                for k in 0..4 {
-                    let xv = ld256(xp.add(k * $xbs + $xqo));
-                    let xv = if $signed { _mm256_sign_epi8(xv, q[k]) } else { xv };
-                    let p = $mul(qa[k], xv);
-                    acc[t] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc, idx[k]), p, acc[t]);
+                    _mm256_storeu_si256(buf.add(o) as *mut __m256i, q);
                 }
-            }
-            i += 4;
-        }
-        while i < nb {
-            let $wb = w.add(i * $wbs);
-            let q: __m256i = $prep;
-            let qa = if $signed { _mm256_sign_epi8(q, q) } else { q };
-            let dw = ld_f16($wb);
-            for t in 0..$T {
-                let xb = x.add(t * stride + i * $xbs);
-                let xv = ld256(xb.add($xqo));
-                let xv = if $signed { _mm256_sign_epi8(xv, q) } else { xv };
-                let p = $mul(qa, xv);
-                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * ld_f16(xb)), p, acc[t]);
+                *dd.add(r * nb + blk) = ld_f16($wb);
                 if $has_m {
-                    summ[t] += ld_f16($wb.add(2)) * ld_f16(xb.add(2));
+                    *mm.add(r * nb + blk) = ld_f16($wb.add(2));
                 }
-            }
-            i += 1;
-        }
-        for t in 0..$T {
-            out[t] = hsum_ps(acc[t]) + summ[t];
-            if $has_m {
-                out[t] += hsum_ps(_mm256_blend_ps(_mm256_setzero_ps(), accm[t], 0b1010_1010));
             }
         }
     }};
 }
 
-/// Each legacy format's kernel twice: plain AVX2, and with AVX-VNNI for the integer dot products.
-macro_rules! legacy_kernel {
-    ($name:ident, $vnni:ident, $wbs:expr, $xbs:expr, $xqo:expr, $has_m:expr, $signed:expr,
-     [$($setup:stmt;)*] |$wb:ident| $prep:expr) => {
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $name<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
-            $($setup)*
-            legacy_multi!(T, mul_sum_u8_i8, nb, w, x, stride, out, $wbs, $xbs, $xqo, $has_m, $signed, |$wb| $prep)
+/// Legacy 32-element block types, `R` rows x `T` tokens. With `$direct`, `$src` is the raw
+/// weight rows (`$ws` bytes apart), unpacked here block by block (few tokens); otherwise it is
+/// the working layout of [`legacy_prep!`] (rows from `$r0`) and `$xsc` the token tables.
+///
+/// Per (row, token) the float work is exactly that of the former one-row kernels, whichever
+/// the source: blocks in groups of four with the scale products `d_w * d_x` of four blocks at
+/// once, one FMA per block into one 8-lane accumulator, tail blocks with scalar scale
+/// products; for `(d, m)` types the `m * s` products summed per lane of four and added at the
+/// end.
+macro_rules! legacy_tile {
+    ($vnni:expr, $direct:expr, $R:ident, $T:ident, $nb:expr, $src:expr, $ws:expr, $r0:expr, $x:expr, $xs:expr,
+     $xsc:expr, $out:expr, $wbs:expr, $xbs:expr, $xqo:expr, $has_m:expr, $mode:expr, |$wb:ident| $prep:expr) => {{
+        let (nb, src, ws, r0, x, xs, xsc, out): (
+            usize,
+            *const u8,
+            usize,
+            usize,
+            *const u8,
+            usize,
+            *const f32,
+            &mut [f32],
+        ) = ($nb, $src, $ws, $r0, $x, $xs, $xsc, $out);
+        let xss = if $has_m { 2 * nb } else { nb };
+        let zero = _mm256_setzero_si256();
+        let ones = _mm256_set1_epi16(1);
+        let off = _mm256_set1_epi8($mode as i8);
+        // Working-layout regions (only dereferenced without `$direct`).
+        let auxp = src.wrapping_add(nb * RB * 32);
+        let dd = src.wrapping_add(nb * RB * 64) as *const f32;
+        let mm = dd.wrapping_add(nb * RB);
+        let mut acc = [[_mm256_setzero_ps(); $T]; $R];
+        let mut accm = [[_mm_setzero_ps(); $T]; $R];
+        let mut summ = [[0.0f32; $T]; $R];
+        let mut scs = [[[0.0f32; 4]; $T]; $R];
+        // Weight operands of block `blk`: (operand, aux) per row; aux is the VNNI row
+        // correction or, for the AVX2 Q8 sign trick, the signed weights.
+        macro_rules! wops {
+            ($blk:expr) => {{
+                let mut a = [zero; $R];
+                let mut aux = [zero; $R];
+                for r in 0..$R {
+                    if $direct {
+                        let $wb = src.add(r * ws + $blk * $wbs);
+                        let q: __m256i = $prep;
+                        if $mode == Q8 {
+                            if $vnni {
+                                a[r] = q;
+                                aux[r] = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, off, q));
+                            } else {
+                                a[r] = _mm256_sign_epi8(q, q);
+                                aux[r] = q;
+                            }
+                        } else {
+                            a[r] = q;
+                        }
+                    } else {
+                        let o = ($blk * RB + r0 + r) * 32;
+                        a[r] = ld256(src.add(o));
+                        if $mode == Q8 {
+                            aux[r] = ld256(auxp.add(o));
+                        }
+                    }
+                }
+                (a, aux)
+            }};
         }
-
-        #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-        unsafe fn $vnni<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
-            $($setup)*
-            legacy_multi!(T, mul_sum_u8_i8_vnni, nb, w, x, stride, out, $wbs, $xbs, $xqo, $has_m, $signed, |$wb| $prep)
+        // Activation block of token t, prepared for the mode: (operand, token correction).
+        macro_rules! act {
+            ($xp:expr) => {{
+                let xv = ld256($xp.add($xqo));
+                if $mode == Q8 {
+                    (if $vnni { _mm256_xor_si256(xv, off) } else { xv }, zero)
+                } else if $mode == U {
+                    (xv, zero)
+                } else if $vnni {
+                    (xv, _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, off, xv)))
+                } else {
+                    (xv, _mm256_madd_epi16(_mm256_maddubs_epi16(off, xv), ones))
+                }
+            }};
         }
-    };
+        // Exact i32 sums of four products per lane.
+        macro_rules! isum {
+            ($a:expr, $aux:expr, $xv:expr, $tc:expr) => {{
+                if $mode == Q8 {
+                    if $vnni {
+                        _mm256_dpbusd_epi32($aux, $xv, $a)
+                    } else {
+                        _mm256_madd_epi16(_mm256_maddubs_epi16($a, _mm256_sign_epi8($xv, $aux)), ones)
+                    }
+                } else if $mode == U {
+                    if $vnni {
+                        _mm256_dpbusd_epi32(zero, $a, $xv)
+                    } else {
+                        _mm256_madd_epi16(_mm256_maddubs_epi16($a, $xv), ones)
+                    }
+                } else if $vnni {
+                    _mm256_dpbusd_epi32($tc, $a, $xv)
+                } else {
+                    _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16($a, $xv), ones), $tc)
+                }
+            }};
+        }
+        // f32 scales: weight (d, m) of row r, activation (d, s) of token t, blocks i..i+4.
+        macro_rules! wsc4 {
+            ($r:expr, $i:expr) => {{
+                if $direct {
+                    let wp = src.add($r * ws + $i * $wbs);
+                    (ld_f16x4(wp, $wbs), if $has_m { ld_f16x4(wp.add(2), $wbs) } else { _mm_setzero_ps() })
+                } else {
+                    let o = (r0 + $r) * nb + $i;
+                    (_mm_loadu_ps(dd.add(o)), if $has_m { _mm_loadu_ps(mm.add(o)) } else { _mm_setzero_ps() })
+                }
+            }};
+        }
+        macro_rules! xsc4 {
+            ($t:expr, $i:expr) => {{
+                if $direct {
+                    let xp = x.add($t * xs + $i * $xbs);
+                    (ld_f16x4(xp, $xbs), if $has_m { ld_f16x4(xp.add(2), $xbs) } else { _mm_setzero_ps() })
+                } else {
+                    let o = $t * xss + $i;
+                    (_mm_loadu_ps(xsc.add(o)), if $has_m { _mm_loadu_ps(xsc.add(o + nb)) } else { _mm_setzero_ps() })
+                }
+            }};
+        }
+        let mut i = 0;
+        while i + 4 <= nb {
+            if $direct && $T == 1 {
+                // Streaming one token (decode): fetch the same stretch of the next row group.
+                for r in 0..$R {
+                    let p = src.wrapping_add(($R + r) * ws + i * $wbs) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(p);
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * $wbs - 1));
+                }
+            }
+            let mut wd = [(_mm_setzero_ps(), _mm_setzero_ps()); $R];
+            for r in 0..$R {
+                wd[r] = wsc4!(r, i);
+            }
+            for t in 0..$T {
+                let (xd, xm) = xsc4!(t, i);
+                for r in 0..$R {
+                    _mm_storeu_ps(scs[r][t].as_mut_ptr(), _mm_mul_ps(wd[r].0, xd));
+                    if $has_m {
+                        accm[r][t] = _mm_add_ps(accm[r][t], _mm_mul_ps(wd[r].1, xm));
+                    }
+                }
+            }
+            for k in 0..4 {
+                let (a, aux) = wops!(i + k);
+                for t in 0..$T {
+                    let (xv, tc) = act!(x.add(t * xs + (i + k) * $xbs));
+                    for r in 0..$R {
+                        let p = _mm256_cvtepi32_ps(isum!(a[r], aux[r], xv, tc));
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scs[r][t][k]), p, acc[r][t]);
+                    }
+                }
+            }
+            i += 4;
+        }
+        while i < nb {
+            let (a, aux) = wops!(i);
+            for t in 0..$T {
+                let xb = x.add(t * xs + i * $xbs);
+                let (xv, tc) = act!(xb);
+                let (dx, sx) = if $direct {
+                    (ld_f16(xb), if $has_m { ld_f16(xb.add(2)) } else { 0.0 })
+                } else {
+                    (*xsc.add(t * xss + i), if $has_m { *xsc.add(t * xss + nb + i) } else { 0.0 })
+                };
+                for r in 0..$R {
+                    let p = _mm256_cvtepi32_ps(isum!(a[r], aux[r], xv, tc));
+                    let (dw, mw) = if $direct {
+                        let wb = src.add(r * ws + i * $wbs);
+                        (ld_f16(wb), if $has_m { ld_f16(wb.add(2)) } else { 0.0 })
+                    } else {
+                        let o = (r0 + r) * nb + i;
+                        (*dd.add(o), if $has_m { *mm.add(o) } else { 0.0 })
+                    };
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), p, acc[r][t]);
+                    if $has_m {
+                        summ[r][t] += mw * sx;
+                    }
+                }
+            }
+            i += 1;
+        }
+        for r in 0..$R {
+            for t in 0..$T {
+                let mut o = hsum_ps(acc[r][t]) + summ[r][t];
+                if $has_m {
+                    let mut m = [0.0f32; 4];
+                    _mm_storeu_ps(m.as_mut_ptr(), accm[r][t]);
+                    // As the former 8-lane horizontal sum with the d products blended out.
+                    o += 0.0 + ((m[0] + m[2]) + (m[1] + m[3]));
+                }
+                out[r * TILE_TOKENS + t] = o;
+            }
+        }
+    }};
 }
 
-legacy_kernel!(q8_0_m, q8_0_m_vnni, 34, 34, 2, false, true, [] | wb | ld256(wb.add(2)));
-legacy_kernel!(q4_0_m, q4_0_m_vnni, 18, 34, 2, false, true, [let eight = _mm256_set1_epi8(8);] |wb| {
-    _mm256_sub_epi8(unpack_nibbles16(wb.add(2)), eight)
-});
-legacy_kernel!(q4_1_m, q4_1_m_vnni, 20, 36, 4, true, false, [] | wb | unpack_nibbles16(wb.add(4)));
-legacy_kernel!(q5_0_m, q5_0_m_vnni, 22, 34, 2, false, true, [let f0 = _mm256_set1_epi8(0xF0u8 as i8);] |wb| {
-    let qh = (wb.add(2) as *const u32).read_unaligned();
-    _mm256_or_si256(unpack_nibbles16(wb.add(6)), _mm256_andnot_si256(bits_to_bytes(qh), f0))
-});
-legacy_kernel!(q5_1_m, q5_1_m_vnni, 24, 36, 4, true, false, [let b4 = _mm256_set1_epi8(0x10);] |wb| {
-    let qh = (wb.add(4) as *const u32).read_unaligned();
-    _mm256_or_si256(unpack_nibbles16(wb.add(8)), _mm256_and_si256(bits_to_bytes(qh), b4))
-});
+/// A legacy type's tile kernel in both builds (AVX2 and AVX-VNNI).
+macro_rules! legacy_kernel {
+    ($ty:expr, $wbs:expr, $xbs:expr, $xqo:expr, $has_m:expr, $mode:expr, |$wb:ident| $prep:expr) => {{
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn prep_t<const R: usize>(nb: usize, w: *const u8, ws: usize, buf: *mut u8) {
+            legacy_prep!(false, R, nb, w, ws, buf, $wbs, $has_m, $mode, |$wb| $prep)
+        }
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+        unsafe fn prep_v<const R: usize>(nb: usize, w: *const u8, ws: usize, buf: *mut u8) {
+            legacy_prep!(true, R, nb, w, ws, buf, $wbs, $has_m, $mode, |$wb| $prep)
+        }
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn tile_t<const D: bool, const R: usize, const T: usize>(
+            nb: usize,
+            src: *const u8,
+            ws: usize,
+            r0: usize,
+            x: *const u8,
+            xs: usize,
+            xsc: *const f32,
+            out: &mut [f32],
+        ) {
+            legacy_tile!(false, D, R, T, nb, src, ws, r0, x, xs, xsc, out, $wbs, $xbs, $xqo, $has_m, $mode, |$wb| $prep)
+        }
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn tile_v<const D: bool, const R: usize, const T: usize>(
+            nb: usize,
+            src: *const u8,
+            ws: usize,
+            r0: usize,
+            x: *const u8,
+            xs: usize,
+            xsc: *const f32,
+            out: &mut [f32],
+        ) {
+            legacy_tile!(true, D, R, T, nb, src, ws, r0, x, xs, xsc, out, $wbs, $xbs, $xqo, $has_m, $mode, |$wb| $prep)
+        }
+        /// Run the tile bodies over `nr` rows (`D`: raw rows `ws` apart, else the working layout).
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn run<const D: bool>(
+            nb: usize,
+            b: *const u8,
+            ws: usize,
+            nr: usize,
+            x: *const u8,
+            xs: usize,
+            xsc: *const f32,
+            nt: usize,
+            out: &mut Out,
+        ) {
+            macro_rules! go {
+                ($R:expr, $src:expr, $r0:expr, $o:expr) => {
+                    match (nt, vnni()) {
+                        (1, true) => tile_v::<D, $R, 1>(nb, $src, ws, $r0, x, xs, xsc, $o),
+                        (2, true) => tile_v::<D, $R, 2>(nb, $src, ws, $r0, x, xs, xsc, $o),
+                        (3, true) => tile_v::<D, $R, 3>(nb, $src, ws, $r0, x, xs, xsc, $o),
+                        (_, true) => tile_v::<D, $R, 4>(nb, $src, ws, $r0, x, xs, xsc, $o),
+                        (1, false) => tile_t::<D, $R, 1>(nb, $src, ws, $r0, x, xs, xsc, $o),
+                        (2, false) => tile_t::<D, $R, 2>(nb, $src, ws, $r0, x, xs, xsc, $o),
+                        (3, false) => tile_t::<D, $R, 3>(nb, $src, ws, $r0, x, xs, xsc, $o),
+                        (_, false) => tile_t::<D, $R, 4>(nb, $src, ws, $r0, x, xs, xsc, $o),
+                    }
+                };
+            }
+            if nr == RB {
+                go!(RB, b, 0, &mut out[..])
+            } else {
+                for r in 0..nr {
+                    let src = if D { b.add(r * ws) } else { b };
+                    go!(1, src, r, &mut out[r * TILE_TOKENS..])
+                }
+            }
+        }
+        fn prep(n: usize, w: &[u8], ws: usize, nr: usize, buf: &mut Vec<u8>) {
+            assert!((1..=RB).contains(&nr), "tile prep: {nr} rows");
+            assert!(n % 32 == 0, "tile prep: {n} elements");
+            let nb = n / 32;
+            let wrb = nb * $wbs;
+            assert!(ws >= wrb && w.len() >= (nr - 1) * ws + wrb, "tile prep: weight rows too short");
+            // Every byte the tile kernel reads for these rows is written below: no clearing.
+            if buf.len() < legacy_buf_len(nb) {
+                buf.resize(legacy_buf_len(nb), 0);
+            }
+            let (w, b) = (w.as_ptr(), buf.as_mut_ptr());
+            // SAFETY: lengths checked above; avx2/fma/f16c (and avx512vl, avx512vnni) detected at run time.
+            unsafe {
+                match (nr == RB, vnni()) {
+                    (true, true) => prep_v::<RB>(nb, w, ws, b),
+                    (true, false) => prep_t::<RB>(nb, w, ws, b),
+                    (false, v) => {
+                        // The 1-row prep fills row 0 of the layout: last rows first, each moved
+                        // to its place before row 0 is reused.
+                        for r in (0..nr).rev() {
+                            let wr = w.add(r * ws);
+                            if v {
+                                prep_v::<1>(nb, wr, ws, b)
+                            } else {
+                                prep_t::<1>(nb, wr, ws, b)
+                            }
+                            if r > 0 {
+                                move_row(nb, b, r);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        fn xprep(n: usize, x: &[u8], xs: usize, nt: usize, xsc: &mut Vec<f32>) {
+            legacy_xprep(n / 32, x, xs, nt, $xbs, $has_m, xsc);
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn tile(n: usize, buf: &[u8], nr: usize, x: &[u8], xs: usize, xsc: &[f32], nt: usize, out: &mut Out) {
+            assert!((1..=RB).contains(&nr) && (1..=TILE_TOKENS).contains(&nt), "tile kernel: {nr}x{nt}");
+            assert!(n % 32 == 0, "tile kernel: {n} elements");
+            let nb = n / 32;
+            let xss = if $has_m { 2 * nb } else { nb };
+            assert!(buf.len() >= legacy_buf_len(nb), "tile kernel: working buffer too short");
+            assert!(xs >= nb * $xbs && x.len() >= (nt - 1) * xs + nb * $xbs, "tile kernel: activations too short");
+            assert!(xsc.len() >= nt * xss, "tile kernel: activation scales too short");
+            // SAFETY: lengths checked above; avx2/fma/f16c (and avx512vl, avx512vnni) detected at run time.
+            unsafe { run::<false>(nb, buf.as_ptr(), 0, nr, x.as_ptr(), xs, xsc.as_ptr(), nt, out) }
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn direct(n: usize, w: &[u8], ws: usize, nr: usize, x: &[u8], xs: usize, nt: usize, out: &mut Out) {
+            assert!((1..=RB).contains(&nr) && (1..=TILE_TOKENS).contains(&nt), "tile kernel: {nr}x{nt}");
+            assert!(n % 32 == 0, "tile kernel: {n} elements");
+            let nb = n / 32;
+            assert!(ws >= nb * $wbs && w.len() >= (nr - 1) * ws + nb * $wbs, "tile kernel: weight rows too short");
+            assert!(xs >= nb * $xbs && x.len() >= (nt - 1) * xs + nb * $xbs, "tile kernel: activations too short");
+            // SAFETY: lengths checked above; avx2/fma/f16c (and avx512vl, avx512vnni) detected at run time.
+            unsafe { run::<true>(nb, w.as_ptr(), ws, nr, x.as_ptr(), xs, std::ptr::null(), nt, out) }
+        }
+        TileKernel { prep, xprep, tile, direct }
+    }};
+}
+
+/// Move row 0 of a legacy working layout to row `r` (partial row groups).
+unsafe fn move_row(nb: usize, b: *mut u8, r: usize) {
+    for blk in 0..nb {
+        for region in 0..2 {
+            let base = region * nb * RB * 32;
+            std::ptr::copy_nonoverlapping(b.add(base + blk * RB * 32), b.add(base + (blk * RB + r) * 32), 32);
+        }
+    }
+    for region in 0..2 {
+        let f = (b.add(nb * RB * 64) as *mut f32).add(region * nb * RB);
+        std::ptr::copy_nonoverlapping(f, f.add(r * nb), nb);
+    }
+}
+
+/// Bytes per (block, row) slot of the K-quant working layout: 8 unpacked 32-byte operands, 8
+/// i16 scale vectors, one extra vector (Q4_K: mins as i32, Q6_K: the 16 scales as i16), then
+/// the f32 `d` and `dmin`.
+const KS: usize = 576;
+
+/// Q4_K block at `wb` unpacked: (operands, i16 scales, mins, d, dmin).
+macro_rules! q4k_unpack {
+    ($wb:expr) => {{
+        let wb: *const u8 = $wb;
+        let m4 = _mm256_set1_epi8(0x0F);
+        let (sc, mins) = k4_scales_mins(wb.add(4));
+        let mut q = [_mm256_setzero_si256(); 8];
+        let mut s = [_mm256_setzero_si256(); 8];
+        for c in 0..4 {
+            let v = ld256(wb.add(16 + 32 * c));
+            q[2 * c] = _mm256_and_si256(v, m4);
+            q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            s[2 * c] = _mm256_set1_epi16(sc[2 * c] as i16);
+            s[2 * c + 1] = _mm256_set1_epi16(sc[2 * c + 1] as i16);
+        }
+        (q, s, mins, ld_f16(wb), ld_f16(wb.add(2)))
+    }};
+}
+
+/// Q6_K block at `wb` unpacked: (operands 0..63, i16 scale pairs, 16 scales as i16, d, 0).
+macro_rules! q6k_unpack {
+    ($wb:expr) => {{
+        let wb: *const u8 = $wb;
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(3);
+        let mut q = [_mm256_setzero_si256(); 8];
+        let mut s = [_mm256_setzero_si256(); 8];
+        for h in 0..2 {
+            let ql0 = ld256(wb.add(64 * h));
+            let ql1 = ld256(wb.add(64 * h + 32));
+            let qh = ld256(wb.add(128 + 32 * h));
+            let hb = |v: __m256i| _mm256_slli_epi16(_mm256_and_si256(v, m2), 4);
+            q[4 * h] = _mm256_or_si256(_mm256_and_si256(ql0, m4), hb(qh));
+            q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), hb(_mm256_srli_epi16(qh, 2)));
+            q[4 * h + 2] =
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), hb(_mm256_srli_epi16(qh, 4)));
+            q[4 * h + 3] =
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), hb(_mm256_srli_epi16(qh, 6)));
+            let sc = wb.add(192 + 8 * h) as *const i8;
+            for k in 0..4 {
+                s[4 * h + k] =
+                    _mm256_set_m128i(_mm_set1_epi16(*sc.add(2 * k + 1) as i16), _mm_set1_epi16(*sc.add(2 * k) as i16));
+            }
+        }
+        (q, s, _mm256_cvtepi8_epi16(ld128(wb.add(192))), ld_f16(wb.add(208)), 0.0f32)
+    }};
+}
+
+/// K-quant tiles (Q4_K, Q6_K): `R` rows of the working layout (from `r0`) x `T` tokens. Per
+/// (row, token) the float work is that of the former one-row kernels: per block one FMA of
+/// `x_d * d` with the exact integer block sum (and for Q4_K one of `x_d * dmin` with the exact
+/// mins sum); the integer sums may be formed in any order.
+macro_rules! kq_tile {
+    ($vnni:expr, $is_q4k:expr, $R:ident, $T:ident, $nb:expr, $buf:expr, $r0:expr, $x:expr, $xs:expr, $out:expr) => {{
+        let (nb, buf, r0, x, xs, out): (usize, *const u8, usize, *const u8, usize, &mut [f32]) =
+            ($nb, $buf, $r0, $x, $xs, $out);
+        let zero = _mm256_setzero_si256();
+        let mut acc = [[_mm256_setzero_ps(); $T]; $R];
+        let mut accm = [[_mm256_setzero_ps(); $T]; $R];
+        for blk in 0..nb {
+            let slot = |r: usize| buf.add((blk * RB + r0 + r) * KS);
+            let xblk = |t: usize| x.add(t * xs + blk * 292);
+            let mut sumi = [[zero; $T]; $R];
+            let mut xd = [0.0f32; $T];
+            for t in 0..$T {
+                xd[t] = (xblk(t) as *const f32).read_unaligned();
+            }
+            for r in 0..$R {
+                let extra = ld256(slot(r).add(512));
+                let dmin = (slot(r).add(548) as *const f32).read_unaligned();
+                for t in 0..$T {
+                    if $is_q4k {
+                        let pm = _mm256_mullo_epi32(extra, q8k_pair_sums(xblk(t)));
+                        accm[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(xd[t] * dmin), _mm256_cvtepi32_ps(pm), accm[r][t]);
+                    } else {
+                        // The -32 offset: sum_g sc_g * (-32) * bsum_g.
+                        let corr = _mm256_madd_epi16(extra, ld256(xblk(t).add(260)));
+                        sumi[r][t] = _mm256_sub_epi32(zero, _mm256_slli_epi32(corr, 5));
+                    }
+                }
+            }
+            for j in 0..8 {
+                let mut q = [zero; $R];
+                let mut s = [zero; $R];
+                for r in 0..$R {
+                    q[r] = ld256(slot(r).add(32 * j));
+                    s[r] = ld256(slot(r).add(256 + 32 * j));
+                }
+                for t in 0..$T {
+                    let xv = ld256(xblk(t).add(4 + 32 * j));
+                    for r in 0..$R {
+                        let p = _mm256_maddubs_epi16(q[r], xv);
+                        sumi[r][t] = if $vnni {
+                            _mm256_dpwssd_epi32(sumi[r][t], p, s[r])
+                        } else {
+                            _mm256_add_epi32(sumi[r][t], _mm256_madd_epi16(p, s[r]))
+                        };
+                    }
+                }
+            }
+            for r in 0..$R {
+                let dw = (slot(r).add(544) as *const f32).read_unaligned();
+                for t in 0..$T {
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(xd[t] * dw), _mm256_cvtepi32_ps(sumi[r][t]), acc[r][t]);
+                }
+            }
+        }
+        for r in 0..$R {
+            for t in 0..$T {
+                out[r * TILE_TOKENS + t] =
+                    if $is_q4k { hsum_ps(acc[r][t]) - hsum_ps(accm[r][t]) } else { hsum_ps(acc[r][t]) };
+            }
+        }
+    }};
+}
+
+/// Q4_K / Q6_K tile kernels (working layout of [`KS`]-byte slots; AVX2 and AVX-VNNI builds);
+/// the direct path runs the one-row multi-token bodies.
+macro_rules! kq_kernel {
+    ($ty:expr, $wbs:expr, $is_q4k:expr, $unpack:ident, $body:ident) => {{
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn prep_r(nb: usize, w: *const u8, buf: *mut u8, r: usize) {
+            for blk in 0..nb {
+                let (q, s, extra, d, dmin) = $unpack!(w.add(blk * $wbs));
+                let sl = buf.add((blk * RB + r) * KS);
+                for j in 0..8 {
+                    _mm256_storeu_si256(sl.add(32 * j) as *mut __m256i, q[j]);
+                    _mm256_storeu_si256(sl.add(256 + 32 * j) as *mut __m256i, s[j]);
+                }
+                _mm256_storeu_si256(sl.add(512) as *mut __m256i, extra);
+                (sl.add(544) as *mut f32).write_unaligned(d);
+                (sl.add(548) as *mut f32).write_unaligned(dmin);
+            }
+        }
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn tile_t<const R: usize, const T: usize>(
+            nb: usize,
+            buf: *const u8,
+            r0: usize,
+            x: *const u8,
+            xs: usize,
+            out: &mut [f32],
+        ) {
+            kq_tile!(false, $is_q4k, R, T, nb, buf, r0, x, xs, out)
+        }
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+        unsafe fn tile_v<const R: usize, const T: usize>(
+            nb: usize,
+            buf: *const u8,
+            r0: usize,
+            x: *const u8,
+            xs: usize,
+            out: &mut [f32],
+        ) {
+            kq_tile!(true, $is_q4k, R, T, nb, buf, r0, x, xs, out)
+        }
+        fn prep(n: usize, w: &[u8], ws: usize, nr: usize, buf: &mut Vec<u8>) {
+            assert!((1..=RB).contains(&nr), "tile prep: {nr} rows");
+            assert!(n % 256 == 0, "tile prep: {n} elements");
+            let nb = n / 256;
+            let wrb = nb * $wbs;
+            assert!(ws >= wrb && w.len() >= (nr - 1) * ws + wrb, "tile prep: weight rows too short");
+            // Every byte the tile kernel reads for these rows is written below: no clearing.
+            if buf.len() < nb * RB * KS {
+                buf.resize(nb * RB * KS, 0);
+            }
+            for r in 0..nr {
+                // SAFETY: lengths checked above; avx2/fma/f16c detected at run time.
+                unsafe { prep_r(nb, w[r * ws..].as_ptr(), buf.as_mut_ptr(), r) };
+            }
+        }
+        fn xprep(_: usize, _: &[u8], _: usize, _: usize, xsc: &mut Vec<f32>) {
+            xsc.clear();
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn tile(n: usize, buf: &[u8], nr: usize, x: &[u8], xs: usize, _: &[f32], nt: usize, out: &mut Out) {
+            assert!((1..=RB).contains(&nr) && (1..=TILE_TOKENS).contains(&nt), "tile kernel: {nr}x{nt}");
+            assert!(n % 256 == 0, "tile kernel: {n} elements");
+            let nb = n / 256;
+            assert!(buf.len() >= nb * RB * KS, "tile kernel: working buffer too short");
+            assert!(xs >= nb * 292 && x.len() >= (nt - 1) * xs + nb * 292, "tile kernel: activations too short");
+            let (b, x) = (buf.as_ptr(), x.as_ptr());
+            macro_rules! go {
+                ($R:expr, $r0:expr, $o:expr) => {
+                    match (nt, vnni()) {
+                        (1, true) => tile_v::<$R, 1>(nb, b, $r0, x, xs, $o),
+                        (2, true) => tile_v::<$R, 2>(nb, b, $r0, x, xs, $o),
+                        (3, true) => tile_v::<$R, 3>(nb, b, $r0, x, xs, $o),
+                        (_, true) => tile_v::<$R, 4>(nb, b, $r0, x, xs, $o),
+                        (1, false) => tile_t::<$R, 1>(nb, b, $r0, x, xs, $o),
+                        (2, false) => tile_t::<$R, 2>(nb, b, $r0, x, xs, $o),
+                        (3, false) => tile_t::<$R, 3>(nb, b, $r0, x, xs, $o),
+                        (_, false) => tile_t::<$R, 4>(nb, b, $r0, x, xs, $o),
+                    }
+                };
+            }
+            // SAFETY: lengths checked above; avx2/fma/f16c (and avx512vl, avx512vnni) detected at run time.
+            unsafe {
+                if nr == RB {
+                    go!(RB, 0, &mut out[..])
+                } else {
+                    for r in 0..nr {
+                        go!(1, r, &mut out[r * TILE_TOKENS..])
+                    }
+                }
+            }
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn direct(n: usize, w: &[u8], ws: usize, nr: usize, x: &[u8], xs: usize, nt: usize, out: &mut Out) {
+            assert!((1..=RB).contains(&nr) && (1..=TILE_TOKENS).contains(&nt), "tile kernel: {nr}x{nt}");
+            let nb = check_row($ty, n, w, x);
+            let wrb = nb * $wbs;
+            assert!(ws >= wrb && w.len() >= (nr - 1) * ws + wrb, "tile kernel: weight rows too short");
+            assert!(xs >= nb * 292 && x.len() >= (nt - 1) * xs + nb * 292, "tile kernel: activations too short");
+            for r in 0..nr {
+                let (wp, xp, o) = (w[r * ws..].as_ptr(), x.as_ptr(), &mut out[r * TILE_TOKENS..r * TILE_TOKENS + nt]);
+                // SAFETY: lengths checked above; avx2/fma/f16c detected at run time.
+                unsafe {
+                    match nt {
+                        1 => $body::<1>(nb, wp, xp, xs, o),
+                        2 => $body::<2>(nb, wp, xp, xs, o),
+                        3 => $body::<3>(nb, wp, xp, xs, o),
+                        _ => $body::<4>(nb, wp, xp, xs, o),
+                    }
+                }
+            }
+        }
+        TileKernel { prep, xprep, tile, direct }
+    }};
+}
+
+/// K-quant tiles: the working layout is the raw rows (back to back); rows go one after another
+/// through the one-row multi-token bodies.
+macro_rules! k_kernel {
+    ($ty:expr, $wbs:expr, $body:ident) => {{
+        fn prep(n: usize, w: &[u8], ws: usize, nr: usize, buf: &mut Vec<u8>) {
+            assert!((1..=RB).contains(&nr), "tile prep: {nr} rows");
+            assert!(n % 256 == 0, "tile prep: {n} elements");
+            let wrb = n / 256 * $wbs;
+            buf.clear();
+            for r in 0..nr {
+                buf.extend_from_slice(&w[r * ws..r * ws + wrb]);
+            }
+        }
+        fn xprep(_: usize, _: &[u8], _: usize, _: usize, xsc: &mut Vec<f32>) {
+            xsc.clear();
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn tile(n: usize, buf: &[u8], nr: usize, x: &[u8], xs: usize, _: &[f32], nt: usize, out: &mut Out) {
+            assert!((1..=RB).contains(&nr) && (1..=TILE_TOKENS).contains(&nt), "tile kernel: {nr}x{nt}");
+            let nb = check_row($ty, n, buf, x);
+            let wrb = nb * $wbs;
+            assert!(buf.len() >= nr * wrb, "tile kernel: working buffer too short");
+            assert!(xs >= nb * 292 && x.len() >= (nt - 1) * xs + nb * 292, "tile kernel: activations too short");
+            for r in 0..nr {
+                let (w, xp, o) = (buf[r * wrb..].as_ptr(), x.as_ptr(), &mut out[r * TILE_TOKENS..r * TILE_TOKENS + nt]);
+                // SAFETY: lengths checked above; avx2/fma/f16c detected at run time.
+                unsafe {
+                    match nt {
+                        1 => $body::<1>(nb, w, xp, xs, o),
+                        2 => $body::<2>(nb, w, xp, xs, o),
+                        3 => $body::<3>(nb, w, xp, xs, o),
+                        _ => $body::<4>(nb, w, xp, xs, o),
+                    }
+                }
+            }
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn direct(n: usize, w: &[u8], ws: usize, nr: usize, x: &[u8], xs: usize, nt: usize, out: &mut Out) {
+            assert!((1..=RB).contains(&nr) && (1..=TILE_TOKENS).contains(&nt), "tile kernel: {nr}x{nt}");
+            let nb = check_row($ty, n, w, x);
+            let wrb = nb * $wbs;
+            assert!(ws >= wrb && w.len() >= (nr - 1) * ws + wrb, "tile kernel: weight rows too short");
+            assert!(xs >= nb * 292 && x.len() >= (nt - 1) * xs + nb * 292, "tile kernel: activations too short");
+            for r in 0..nr {
+                let (wp, xp, o) = (w[r * ws..].as_ptr(), x.as_ptr(), &mut out[r * TILE_TOKENS..r * TILE_TOKENS + nt]);
+                // SAFETY: lengths checked above; avx2/fma/f16c detected at run time.
+                unsafe {
+                    match nt {
+                        1 => $body::<1>(nb, wp, xp, xs, o),
+                        2 => $body::<2>(nb, wp, xp, xs, o),
+                        3 => $body::<3>(nb, wp, xp, xs, o),
+                        _ => $body::<4>(nb, wp, xp, xs, o),
+                    }
+                }
+            }
+        }
+        TileKernel { prep, xprep, tile, direct }
+    }};
+}
+
+pub(crate) fn dot_tile_fn(ty: GgmlType) -> Option<TileKernel> {
+    Some(match ty {
+        GgmlType::Q8_0 => legacy_kernel!(GgmlType::Q8_0, 34, 34, 2, false, Q8, |wb| ld256(wb.add(2))),
+        GgmlType::Q4_0 => legacy_kernel!(GgmlType::Q4_0, 18, 34, 2, false, 8, |wb| unpack_nibbles16(wb.add(2))),
+        GgmlType::Q4_1 => legacy_kernel!(GgmlType::Q4_1, 20, 36, 4, true, U, |wb| unpack_nibbles16(wb.add(4))),
+        GgmlType::Q5_0 => legacy_kernel!(GgmlType::Q5_0, 22, 34, 2, false, 16, |wb| {
+            let qh = (wb.add(2) as *const u32).read_unaligned();
+            _mm256_or_si256(unpack_nibbles16(wb.add(6)), _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10)))
+        }),
+        GgmlType::Q5_1 => legacy_kernel!(GgmlType::Q5_1, 24, 36, 4, true, U, |wb| {
+            let qh = (wb.add(4) as *const u32).read_unaligned();
+            _mm256_or_si256(unpack_nibbles16(wb.add(8)), _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10)))
+        }),
+        GgmlType::Q4K => kq_kernel!(GgmlType::Q4K, 144, true, q4k_unpack, q4k_m),
+        GgmlType::Q5K => k_kernel!(GgmlType::Q5K, 176, q5k_m),
+        GgmlType::Q6K => kq_kernel!(GgmlType::Q6K, 210, false, q6k_unpack, q6k_m),
+        _ => return None,
+    })
+}
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
@@ -291,57 +901,5 @@ unsafe fn q6k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: u
     }
     for t in 0..T {
         out[t] = hsum_ps(acc[t]);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The VNNI kernels must be bit-identical to the AVX2 ones (batch invariance and
-    /// reproducibility across CPUs depend on it).
-    #[test]
-    fn vnni_kernels_are_bit_identical() {
-        if !(crate::dot::simd_available() && vnni_available()) {
-            eprintln!("no AVX-VNNI here: skipped");
-            return;
-        }
-        let mut x = 0x1234_5678_9abc_def1u64;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        type K = unsafe fn(usize, *const u8, *const u8, usize, &mut [f32]);
-        let pairs: [(GgmlType, K, K); 5] = [
-            (GgmlType::Q8_0, q8_0_m::<4>, q8_0_m_vnni::<4>),
-            (GgmlType::Q4_0, q4_0_m::<4>, q4_0_m_vnni::<4>),
-            (GgmlType::Q4_1, q4_1_m::<4>, q4_1_m_vnni::<4>),
-            (GgmlType::Q5_0, q5_0_m::<4>, q5_0_m_vnni::<4>),
-            (GgmlType::Q5_1, q5_1_m::<4>, q5_1_m_vnni::<4>),
-        ];
-        for (ty, plain, vnni) in pairs {
-            let n = 32 * 11;
-            let vals = |next: &mut dyn FnMut() -> u64, k: usize| -> Vec<f32> {
-                (0..k).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect()
-            };
-            let w_vals = vals(&mut next, n);
-            let mut w = vec![0u8; ty.row_bytes(n).unwrap()];
-            crate::quantize_row(ty, &w_vals, &mut w).unwrap();
-            let act = ty.vec_dot_type();
-            let xrb = act.row_bytes(n).unwrap();
-            let mut xs = vec![0u8; 4 * xrb];
-            for t in 0..4 {
-                crate::quantize_row(act, &vals(&mut next, n), &mut xs[t * xrb..(t + 1) * xrb]).unwrap();
-            }
-            let (mut a, mut b) = ([0f32; 4], [0f32; 4]);
-            // SAFETY: this CPU has the features (checked above) and the rows are complete.
-            unsafe {
-                plain(n / 32, w.as_ptr(), xs.as_ptr(), xrb, &mut a);
-                vnni(n / 32, w.as_ptr(), xs.as_ptr(), xrb, &mut b);
-            }
-            assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits), "{ty}");
-        }
     }
 }

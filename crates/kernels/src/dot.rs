@@ -13,9 +13,34 @@ use std::sync::OnceLock;
 /// Kernels check that both slices are long enough before touching memory.
 pub(crate) type DotFn = fn(usize, &[u8], &[u8]) -> f32;
 
-/// A multi-token row kernel: `(n, weight row, activation rows, activation row stride in
-/// bytes, out)` computes `out[t] = dot(w, x[t * stride..])` for `t < out.len()` (1..=4).
-pub(crate) type DotMultiFn = fn(usize, &[u8], &[u8], usize, &mut [f32]);
+/// Most weight rows one tile kernel call handles.
+pub(crate) const TILE_ROWS: usize = 4;
+/// Most activation rows (tokens) one tile kernel call handles.
+pub(crate) const TILE_TOKENS: usize = 4;
+
+/// A tile kernel for one weight type, in three steps:
+/// * `prep(n, w, wstride, nr, buf)`: `nr <= TILE_ROWS` weight rows (`wstride` bytes apart)
+///   into `buf` in the kernel's working layout (unpacked once, reused for every token group);
+/// * `xprep(n, x, xstride, nt, xsc)`: per-token f32 tables (activation block scales) of `nt`
+///   activation rows;
+/// * `tile(n, buf, nr, x, xstride, xsc, nt, out)`: `out[r * TILE_TOKENS + t] = dot(row r,
+///   token t)` for `r < nr`, `t < nt <= TILE_TOKENS`, where `x` and `xsc` start at token 0 of
+///   the group.
+///
+/// Batch invariance: the floating-point operations producing one `(r, t)` result are the same
+/// for every `nr` and `nt` (only integer work, which is exact, and loads are shared), so a row
+/// computed in any tile, or alone, gives the same bits.
+#[derive(Clone, Copy)]
+pub(crate) struct TileKernel {
+    pub prep: fn(usize, &[u8], usize, usize, &mut Vec<u8>),
+    pub xprep: fn(usize, &[u8], usize, usize, &mut Vec<f32>),
+    #[allow(clippy::type_complexity)]
+    pub tile: fn(usize, &[u8], usize, &[u8], usize, &[f32], usize, &mut [f32; TILE_ROWS * TILE_TOKENS]),
+    /// `tile` straight from the raw weight rows: `(n, w, wstride, nr, x, xstride, nt, out)`
+    /// (few tokens, where unpacking into the working layout does not pay); same bits.
+    #[allow(clippy::type_complexity)]
+    pub direct: fn(usize, &[u8], usize, usize, &[u8], usize, usize, &mut [f32; TILE_ROWS * TILE_TOKENS]),
+}
 
 static SIMD: OnceLock<bool> = OnceLock::new();
 
@@ -52,10 +77,10 @@ pub(crate) fn dot_fn(ty: GgmlType) -> DotFn {
 }
 
 /// A multi-token kernel for `ty`, if one beats repeated single-row calls.
-pub(crate) fn dot_multi_fn(ty: GgmlType) -> Option<DotMultiFn> {
+pub(crate) fn dot_tile_fn(ty: GgmlType) -> Option<TileKernel> {
     #[cfg(target_arch = "x86_64")]
     if simd_available() {
-        return crate::avx2_multi::dot_multi_fn(ty);
+        return crate::avx2_multi::dot_tile_fn(ty);
     }
     let _ = ty;
     None

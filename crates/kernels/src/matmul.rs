@@ -1,7 +1,7 @@
 //! [`QMatrix`]: a row-major quantized weight matrix and its (parallel) matrix multiply.
 
 use crate::blocks::{dequantize_row, quantize_act, quantize_row};
-use crate::dot::{dot_fn, dot_multi_fn};
+use crate::dot::{TILE_ROWS, TILE_TOKENS, dot_fn, dot_tile_fn};
 use crate::types::{GgmlType, KernelError};
 use std::cell::RefCell;
 
@@ -164,23 +164,29 @@ impl QMatrix {
         let dot = dot_fn(self.ty);
         let (rows, cols) = (self.rows, self.cols);
         let wrb = self.row_bytes();
-        let multi = dot_multi_fn(self.ty);
+        let tile = dot_tile_fn(self.ty);
         // Batch invariance: a row's result must not depend on how many tokens share the call
         // (speculative verification of k tokens must reproduce plain decoding bit for bit), so
-        // when a multi-token kernel exists it also serves single tokens: its per-token
-        // arithmetic is the same for every group width.
-        if n_tokens == 1 && multi.is_none() {
-            for r in r0..r1 {
-                let v = dot(cols, &self.data[r * wrb..(r + 1) * wrb], xq);
-                // SAFETY: r < rows; caller guarantees exclusive access to this index.
-                unsafe { *out.0.add(r) = v };
+        // when a tile kernel exists it also serves single tokens: its per-(row, token)
+        // arithmetic is the same for every tile shape.
+        if tile.is_none() {
+            for t in 0..n_tokens {
+                let x = &xq[t * xrb..(t + 1) * xrb];
+                for r in r0..r1 {
+                    let v = dot(cols, &self.data[r * wrb..(r + 1) * wrb], x);
+                    // SAFETY: t < n_tokens, r < rows; caller guarantees exclusive access.
+                    unsafe { *out.0.add(t * rows + r) = v };
+                }
             }
             return;
         }
+        let k = tile.expect("checked above");
+        let mut wbuf = Vec::new();
+        let mut xsc = Vec::new();
         // Tiles: a group of token rows small enough to stay in L1 (~16 KiB, a multiple of the
         // 4-token kernel width) against a block of weight rows that stays in L2 (~256 KiB):
         // weights stream from memory once, then from L2 once per token group.
-        let tok_tile = ((16 * 1024 / xrb.max(1)) & !3).clamp(4, 64);
+        let tok_tile = ((48 * 1024 / xrb.max(1)) & !3).clamp(8, 64);
         let row_tile = (256 * 1024 / wrb.max(1)).clamp(1, 1024);
         let mut rt = r0;
         while rt < r1 {
@@ -188,22 +194,49 @@ impl QMatrix {
             let mut tt = 0;
             while tt < n_tokens {
                 let tt_end = (tt + tok_tile).min(n_tokens);
-                for r in rt..rt_end {
-                    let wrow = &self.data[r * wrb..(r + 1) * wrb];
+                let xt = &xq[tt * xrb..tt_end * xrb];
+                if tt_end - tt <= TILE_TOKENS {
+                    // Few tokens: straight from the raw rows (same bits as the unpacked path).
+                    let nt = tt_end - tt;
+                    let mut r = rt;
+                    while r < rt_end {
+                        let nr = (rt_end - r).min(TILE_ROWS);
+                        let mut tmp = [0.0f32; TILE_ROWS * TILE_TOKENS];
+                        (k.direct)(cols, &self.data[r * wrb..(r + nr) * wrb], wrb, nr, xt, xrb, nt, &mut tmp);
+                        for j in 0..nr {
+                            for kk in 0..nt {
+                                // SAFETY: tt + kk < n_tokens, r + j < rows; exclusive per caller
+                                // contract.
+                                unsafe { *out.0.add((tt + kk) * rows + r + j) = tmp[j * TILE_TOKENS + kk] };
+                            }
+                        }
+                        r += nr;
+                    }
+                    tt = tt_end;
+                    continue;
+                }
+                (k.xprep)(cols, xt, xrb, tt_end - tt, &mut xsc);
+                let xss = xsc.len() / (tt_end - tt);
+                let mut r = rt;
+                while r < rt_end {
+                    let nr = (rt_end - r).min(TILE_ROWS);
+                    (k.prep)(cols, &self.data[r * wrb..(r + nr) * wrb], wrb, nr, &mut wbuf);
                     let mut t = tt;
                     while t < tt_end {
-                        let nt = if multi.is_some() { (tt_end - t).min(4) } else { 1 };
-                        let mut tmp = [0.0f32; 4];
-                        match multi {
-                            Some(mf) => mf(cols, wrow, &xq[t * xrb..tt_end * xrb], xrb, &mut tmp[..nt]),
-                            None => tmp[0] = dot(cols, wrow, &xq[t * xrb..(t + 1) * xrb]),
-                        }
-                        for (k, v) in tmp[..nt].iter().enumerate() {
-                            // SAFETY: t + k < n_tokens, r < rows; exclusive per caller contract.
-                            unsafe { *out.0.add((t + k) * rows + r) = *v };
+                        let nt = (tt_end - t).min(TILE_TOKENS);
+                        let mut tmp = [0.0f32; TILE_ROWS * TILE_TOKENS];
+                        let (xo, so) = ((t - tt) * xrb, (t - tt) * xss);
+                        (k.tile)(cols, &wbuf, nr, &xt[xo..], xrb, &xsc[so..], nt, &mut tmp);
+                        for j in 0..nr {
+                            for kk in 0..nt {
+                                // SAFETY: t + kk < n_tokens, r + j < rows; exclusive per caller
+                                // contract.
+                                unsafe { *out.0.add((t + kk) * rows + r + j) = tmp[j * TILE_TOKENS + kk] };
+                            }
                         }
                         t += nt;
                     }
+                    r += nr;
                 }
                 tt = tt_end;
             }
