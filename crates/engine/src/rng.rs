@@ -40,6 +40,14 @@ impl Rng {
         Rng { s }
     }
 
+    /// The generator for counter `index` of stream `seed`: a fresh state derived from both, for
+    /// draws that must not depend on how many came before (positional sampling).
+    pub fn at(seed: u64, index: u64) -> Rng {
+        let mut sm = seed ^ 0x5350_4543_5357_524D; // "SPECSWRM": keeps `at(s, 0)` apart from `new(s)`
+        let a = splitmix64(&mut sm);
+        Rng::new(a ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03))
+    }
+
     /// Next 64 uniformly distributed bits (xoshiro256** output function).
     pub fn next_u64(&mut self) -> u64 {
         let s = &mut self.s;

@@ -179,6 +179,8 @@ impl Distribution {
 pub struct Sampler {
     cfg: SamplerConfig,
     rng: Rng,
+    /// Draw the uniform for the token at position `p` from `(seed, p)` instead of the stream.
+    positional: bool,
 }
 
 /// Tempered weights below `exp(PRUNE_S)` are < 2^-150 and round to probability 0 in f32.
@@ -280,7 +282,23 @@ impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Result<Sampler, SamplingError> {
         cfg.validate()?;
         let rng = Rng::new(cfg.seed);
-        Ok(Sampler { cfg, rng })
+        Ok(Sampler { cfg, rng, positional: false })
+    }
+
+    /// A sampler whose draw for the token at position `p` uses a uniform that depends only on
+    /// `(seed, p)` (counter-based, see [`Rng::at`]), not on how many draws came before.
+    ///
+    /// Plain decoding, speculative decoding (the SpecExec rule draws the target's token at each
+    /// position exactly once along the emitted path) and a verifying tail that also worked on
+    /// rounds later rolled back all produce the *same* sampled text for the same seed. Each draw
+    /// is still uniform and independent of the logits, so every token keeps exactly the target's
+    /// distribution.
+    pub fn positional(cfg: SamplerConfig) -> Result<Sampler, SamplingError> {
+        Ok(Sampler { positional: true, ..Sampler::new(cfg)? })
+    }
+
+    pub fn is_positional(&self) -> bool {
+        self.positional
     }
 
     pub fn config(&self) -> &SamplerConfig {
@@ -426,7 +444,17 @@ impl Sampler {
             return self.argmax(logits, &counts);
         }
         let dist = self.distribution(logits, history);
-        self.sample_from(&dist)
+        self.sample_at(&dist, history.len())
+    }
+
+    /// Draws the token at `position` (= the length of the history before it) from `dist`: like
+    /// [`Sampler::sample_from`], except that a positional sampler takes its uniform from
+    /// `(seed, position)`.
+    pub fn sample_at(&mut self, dist: &Distribution, position: usize) -> u32 {
+        if self.cfg.is_greedy() || !self.positional {
+            return self.sample_from(dist);
+        }
+        dist.inverse_cdf(Rng::at(self.cfg.seed, position as u64).next_f64())
     }
 
     /// Draws from `dist` by inverse CDF with exactly one `next_f64()`; a greedy

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use specswarm_proto::wire::{Frame, Input, Message};
+use specswarm_proto::wire::{Frame, Input, Message, SpecRound, VerifySpec};
 
 use crate::ring::{RingError, RingSpec};
 use crate::stage::decode_hidden;
@@ -96,8 +96,13 @@ impl DirectRing {
 
     /// Send `message` to every stage at once and collect every reply.
     fn all(&mut self, message: impl Fn() -> Message) -> Result<(), RingError> {
-        let mut pending: Vec<Option<u32>> =
+        let pending: Vec<Option<u32>> =
             (0..self.writers.len()).map(|i| self.send(i, message()).map(Some)).collect::<Result<_, _>>()?;
+        self.collect(pending)
+    }
+
+    /// Wait for the reply of every stage with a pending sequence number.
+    fn collect(&mut self, mut pending: Vec<Option<u32>>) -> Result<(), RingError> {
         let deadline = Instant::now() + self.timeout;
         while let Some(stage) = pending.iter().position(Option::is_some) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -125,17 +130,94 @@ impl DirectRing {
     /// Open the session everywhere; with `tail_argmax` the tail answers with token ids
     /// ([`DirectRing::forward_argmax`]).
     pub fn open_with(&mut self, max_tokens: u32, tail_argmax: bool) -> Result<(), RingError> {
+        self.open_all(max_tokens, tail_argmax, None)
+    }
+
+    /// Open a speculative session: the tail verifies rounds with `verify` and answers them with
+    /// verdicts (token ids only); plain forwards get argmax token ids.
+    pub fn open_speculative(&mut self, max_tokens: u32, verify: VerifySpec) -> Result<(), RingError> {
+        self.open_all(max_tokens, true, Some(verify))
+    }
+
+    fn open_all(&mut self, max_tokens: u32, tail_argmax: bool, verify: Option<VerifySpec>) -> Result<(), RingError> {
         let n = self.writers.len();
+        // Every stage at once: each connects to its next hop while the others do the same.
+        let mut pending: Vec<Option<u32>> = vec![None; n];
         for i in 0..n {
             let (start, end) = self.spec.ranges[i];
-            let next_hop = (i + 1 < n).then(|| self.addrs[i + 1].to_string());
-            let tail_argmax = tail_argmax && i + 1 == n;
-            let msg = Message::Open { model_id: self.spec.model_id, start, end, max_tokens, next_hop, tail_argmax };
-            let seq = self.send(i, msg)?;
-            self.wait(i, seq)?;
+            let tail = i + 1 == n;
+            let next_hop = (!tail).then(|| self.addrs[i + 1].to_string());
+            let msg = Message::Open {
+                model_id: self.spec.model_id,
+                start,
+                end,
+                max_tokens,
+                next_hop,
+                tail_argmax: tail_argmax && tail,
+                verify: if tail { verify.clone() } else { None },
+            };
+            pending[i] = Some(self.send(i, msg)?);
         }
+        self.collect(pending)?;
         self.committed = 0;
         Ok(())
+    }
+
+    /// The current epoch (frames of older epochs are stale).
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    /// Start a new epoch: replies to frames sent before are stale from now on.
+    pub fn bump_epoch(&mut self) {
+        self.epoch += 1;
+    }
+
+    /// Number of stages.
+    pub fn stages(&self) -> usize {
+        self.writers.len()
+    }
+
+    /// The stages' addresses.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Send a speculative round (or, with `spec.verify == false`, a plain causal batch carrying
+    /// its tokens) to the head without waiting; returns its sequence number.
+    pub fn send_round(
+        &mut self,
+        positions: &[u32],
+        tree_parents: Option<&[i32]>,
+        spec: SpecRound,
+    ) -> Result<u32, RingError> {
+        let msg = Message::Forward {
+            positions: positions.to_vec(),
+            tree_parents: tree_parents.map(<[i32]>::to_vec),
+            input: Input::Tokens(spec.tokens.clone()),
+            spec: Some(spec),
+        };
+        self.send(0, msg)
+    }
+
+    /// The next frame of this session any stage sends back, waiting until `deadline`.
+    pub fn next_frame(&mut self, deadline: Instant) -> Result<(usize, Frame), RingError> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (from, item) = self.rx.recv_timeout(left).map_err(|_| RingError::Unreachable {
+                stage: self.writers.len() - 1,
+                reason: "no reply before the timeout".into(),
+            })?;
+            let frame = item.map_err(|reason| RingError::Unreachable { stage: from, reason })?;
+            if frame.session == self.session {
+                return Ok((from, frame));
+            }
+        }
+    }
+
+    /// How long one reply may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Send a batch to the head and return what the tail answers.
@@ -149,6 +231,7 @@ impl DirectRing {
             positions: positions.to_vec(),
             tree_parents: tree_parents.map(<[i32]>::to_vec),
             input: Input::Tokens(tokens.to_vec()),
+            spec: None,
         };
         let seq = self.send(0, msg)?;
         let tail = self.writers.len() - 1;

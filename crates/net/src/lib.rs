@@ -7,15 +7,15 @@
 //!   [`ring::StageLink`]s, and [`ring::generate_ring`].
 //! - [`direct`]: [`direct::DirectRing`], a ring whose stages forward to each other and whose tail
 //!   answers the client directly.
-//! - [`tcp`]: frames over plain TCP (`specswarm worker` and the demo); libp2p streams next.
+//! - [`swarm_spec`]: speculative decoding across a [`direct::DirectRing`]: the tail verifies and
+//!   returns token ids, rounds can be pipelined, failover replays the committed tokens.
+//! - [`tcp`]: frames over plain TCP (`specswarm worker` and the demo).
 //! - `wan` (Linux): user-space WAN emulation between network namespaces through TUN devices.
-//!
-//! Not yet here (the swarm issue): libp2p transports and discovery, workers forwarding directly
-//! to the next stage and the tail returning to the client, routing, failover.
 
 pub mod direct;
 pub mod ring;
 pub mod stage;
+pub mod swarm_spec;
 pub mod tcp;
 #[cfg(target_os = "linux")]
 pub mod wan;

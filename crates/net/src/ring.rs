@@ -12,7 +12,7 @@ use specswarm_proto::wire::{Dtype, ErrorCode, Frame, Input, Message, WireError};
 use crate::stage::{StageServer, decode_hidden};
 
 #[non_exhaustive]
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum RingError {
     #[error("stage {stage} refused: {code:?}: {message}")]
     Refused { stage: usize, code: ErrorCode, message: String },
@@ -108,6 +108,7 @@ impl RingClient {
                     max_tokens,
                     next_hop: None,
                     tail_argmax: false,
+                    verify: None,
                 },
             )?;
         }
@@ -129,6 +130,7 @@ impl RingClient {
                 positions: positions.to_vec(),
                 tree_parents: tree_parents.map(<[i32]>::to_vec),
                 input,
+                spec: None,
             };
             match self.call(stage, msg)? {
                 Message::Output { input: out } => input = out,

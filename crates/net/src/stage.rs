@@ -22,7 +22,10 @@ use half::{bf16, f16};
 use specswarm_engine::EngineError;
 use specswarm_engine::kv::KvCache;
 use specswarm_engine::model::{Batch, ModelSlice, StepInput, StepOutput, Want};
-use specswarm_proto::wire::{Dtype, ErrorCode, Frame, Input, Message};
+use specswarm_engine::sampling::{Sampler, SamplerConfig};
+use specswarm_proto::wire::{Commit, Dtype, ErrorCode, Frame, Input, Message, VerifySpec};
+use specswarm_spec::tree::DraftTree;
+use specswarm_spec::verify::verify_tree;
 
 /// Bounds of one stage server.
 #[derive(Clone, Debug)]
@@ -52,9 +55,49 @@ struct Session {
     kv: KvCache,
     /// Answer with argmax token ids instead of logits (tail only).
     tail_argmax: bool,
+    /// The tail of a session that verifies speculative rounds.
+    verifier: Option<TailVerifier>,
     epoch: u32,
     reserved_tokens: usize,
     last_used: Instant,
+}
+
+/// A verifying tail's per-session state: the sampler (positional, so rounds later rolled back
+/// do not shift the randomness of the ones kept) and the token ids of its KV rows.
+struct TailVerifier {
+    sampler: Sampler,
+    /// Token of every committed KV row, in order.
+    committed: Vec<u32>,
+    /// Tokens of the staged rows of the last tree batch (batch order).
+    staged: Vec<u32>,
+}
+
+impl TailVerifier {
+    fn apply(&mut self, commit: &Commit) {
+        match commit {
+            Commit::Keep => {}
+            Commit::Path(path) => {
+                let kept: Vec<u32> = path.iter().filter_map(|&i| self.staged.get(i as usize).copied()).collect();
+                self.committed.extend(kept);
+            }
+            Commit::Len(len) => self.committed.truncate(*len as usize),
+        }
+        self.staged.clear();
+    }
+}
+
+fn sampler_config(v: &VerifySpec) -> SamplerConfig {
+    SamplerConfig {
+        temperature: v.temperature,
+        top_k: v.top_k as usize,
+        top_p: v.top_p,
+        min_p: v.min_p,
+        repetition_penalty: v.repetition_penalty,
+        frequency_penalty: v.frequency_penalty,
+        presence_penalty: v.presence_penalty,
+        penalty_last_n: v.penalty_last_n as usize,
+        seed: v.seed,
+    }
 }
 
 pub struct StageServer {
@@ -125,7 +168,7 @@ impl StageServer {
 
     fn dispatch(&mut self, frame: &Frame, now: Instant) -> Result<Message, (ErrorCode, String)> {
         let id = frame.session;
-        if let Message::Open { model_id, start, end, max_tokens, tail_argmax, .. } = &frame.message {
+        if let Message::Open { model_id, start, end, max_tokens, tail_argmax, verify, .. } = &frame.message {
             let range = self.slice.layers();
             if *model_id != self.model_id || (*start as usize, *end as usize) != (range.start, range.end) {
                 return Err((
@@ -148,11 +191,26 @@ impl StageServer {
                     ),
                 ));
             }
+            let verifier = match verify {
+                Some(v) if self.slice.is_tail() => {
+                    let sampler = Sampler::positional(sampler_config(v))
+                        .map_err(|e| (ErrorCode::Malformed, format!("verification settings: {e}")))?;
+                    Some(TailVerifier { sampler, committed: Vec::new(), staged: Vec::new() })
+                }
+                _ => None,
+            };
             let kv = self.slice.new_cache(want);
             self.reserved_tokens += want;
             self.sessions.insert(
                 id,
-                Session { kv, tail_argmax: *tail_argmax, epoch: frame.epoch, reserved_tokens: want, last_used: now },
+                Session {
+                    kv,
+                    tail_argmax: *tail_argmax,
+                    verifier,
+                    epoch: frame.epoch,
+                    reserved_tokens: want,
+                    last_used: now,
+                },
             );
             return Ok(Message::Ack { committed: 0 });
         }
@@ -166,7 +224,17 @@ impl StageServer {
         session.epoch = frame.epoch;
         session.last_used = now;
         match &frame.message {
-            Message::Forward { positions, tree_parents, input } => {
+            Message::Forward { positions, tree_parents, input, spec } => {
+                if let Some(round) = spec {
+                    apply_commit(session, &round.commit)?;
+                    if round.tokens.len() != positions.len() {
+                        return Err((
+                            ErrorCode::Malformed,
+                            format!("{} round tokens for {} positions", round.tokens.len(), positions.len()),
+                        ));
+                    }
+                }
+                let verifying = spec.as_ref().is_some_and(|r| r.verify) && session.verifier.is_some();
                 let hidden;
                 let input = match input {
                     Input::Tokens(t) => StepInput::Tokens(t),
@@ -185,13 +253,25 @@ impl StageServer {
                         StepInput::Hidden(&hidden)
                     }
                 };
-                let want = match (self.slice.is_tail(), tree_parents.is_some()) {
+                let want = match (self.slice.is_tail(), tree_parents.is_some() || verifying) {
                     (false, _) => Want::Hidden,
                     (true, false) => Want::LastLogits,
                     (true, true) => Want::AllLogits,
                 };
+                let base = session.kv.len();
                 let batch = Batch { input, positions, tree_parents: tree_parents.as_deref() };
                 let out = self.slice.forward(&mut session.kv, &batch, want).map_err(engine_error)?;
+                if let (Some(v), Some(round)) = (session.verifier.as_mut(), spec) {
+                    if tree_parents.is_some() {
+                        v.staged = round.tokens.clone();
+                    } else {
+                        v.committed.extend_from_slice(&round.tokens);
+                    }
+                    if verifying {
+                        let vocab = self.slice.config().vocab_size;
+                        return Ok(verify_round(v, base, &round.tokens, tree_parents.as_deref(), out.data(), vocab));
+                    }
+                }
                 let dim = match &out {
                     StepOutput::Hidden { .. } => self.slice.config().d_model,
                     StepOutput::Logits { .. } => self.slice.config().vocab_size,
@@ -214,8 +294,7 @@ impl StageServer {
                 })
             }
             Message::Accept { path } => {
-                let path: Vec<usize> = path.iter().map(|&i| i as usize).collect();
-                session.kv.accept_path(&path).map_err(engine_error)?;
+                apply_commit(session, &Commit::Path(path.clone()))?;
                 Ok(Message::Ack { committed: session.kv.len() as u32 })
             }
             Message::Truncate { len } => {
@@ -226,7 +305,7 @@ impl StageServer {
                         format!("cannot truncate to {len}: only {} tokens are committed", session.kv.len()),
                     ));
                 }
-                session.kv.truncate(len);
+                apply_commit(session, &Commit::Len(len as u32))?;
                 Ok(Message::Ack { committed: len as u32 })
             }
             Message::Close => {
@@ -234,11 +313,59 @@ impl StageServer {
                 Ok(Message::Ack { committed: 0 })
             }
             Message::Open { .. } => unreachable!("handled above"),
-            Message::Ack { .. } | Message::Output { .. } | Message::Error { .. } => {
+            Message::Ack { .. } | Message::Output { .. } | Message::Error { .. } | Message::Verdict { .. } => {
                 Err((ErrorCode::Malformed, "a reply frame is not a request".into()))
             }
         }
     }
+}
+
+/// Apply a round's commit to the session's KV (and the verifier's token mirror).
+fn apply_commit(session: &mut Session, commit: &Commit) -> Result<(), (ErrorCode, String)> {
+    match commit {
+        Commit::Keep => {}
+        Commit::Path(path) => {
+            let path: Vec<usize> = path.iter().map(|&i| i as usize).collect();
+            session.kv.accept_path(&path).map_err(engine_error)?;
+        }
+        Commit::Len(len) => {
+            let len = *len as usize;
+            if len > session.kv.len() {
+                return Err((
+                    ErrorCode::PositionMismatch,
+                    format!("cannot roll back to {len}: only {} tokens are committed", session.kv.len()),
+                ));
+            }
+            session.kv.truncate(len);
+        }
+    }
+    if let Some(v) = session.verifier.as_mut() {
+        v.apply(commit);
+    }
+    Ok(())
+}
+
+/// The SpecExec verdict on a round `[root, nodes…]` whose logits (every row) are `logits`.
+/// The KV keeps every row until the next round's commit says which survive.
+fn verify_round(
+    v: &mut TailVerifier,
+    base: usize,
+    tokens: &[u32],
+    tree_parents: Option<&[i32]>,
+    logits: &[f32],
+    vocab: usize,
+) -> Message {
+    let n = tokens.len() - 1;
+    let parents: Vec<i32> = match tree_parents {
+        // Batch parents are shifted by one (row 0 is the root).
+        Some(tp) => tp[1..].iter().map(|&p| p - 1).collect(),
+        None => (0..n as i32).map(|i| i - 1).collect(),
+    };
+    let tree = DraftTree { tokens: tokens[1..].to_vec(), parents, probs: vec![1.0; n] };
+    let mut history = v.committed[..base.min(v.committed.len())].to_vec();
+    history.push(tokens[0]);
+    let verdict = verify_tree(&tree, logits, vocab, &history, &mut v.sampler);
+    Message::Verdict { accepted: verdict.accepted.iter().map(|&i| i as u32).collect(), next: verdict.next }
 }
 
 fn engine_error(e: EngineError) -> (ErrorCode, String) {

@@ -99,7 +99,7 @@ impl Node {
                     .insert(frame.session, Route { client: Arc::clone(from), next });
                 send(from, &Frame { message: Message::Ack { committed }, ..reply });
             }
-            (Message::Forward { positions, tree_parents, .. }, message) => {
+            (Message::Forward { positions, tree_parents, spec, .. }, message) => {
                 let route = self
                     .routes
                     .lock()
@@ -117,6 +117,8 @@ impl Node {
                                 positions: positions.clone(),
                                 tree_parents: tree_parents.clone(),
                                 input,
+                                // The next stages apply the same commit; the tail needs the tokens.
+                                spec: spec.clone(),
                             },
                             ..reply
                         };

@@ -135,6 +135,7 @@ fn hostile_frames_are_refused_and_a_live_session_is_unharmed() {
         max_tokens: 256,
         next_hop: None,
         tail_argmax: false,
+        verify: None,
     };
     // The control session: decode a few tokens, remembering the logits.
     let reply = server.handle(&frame(1, 5, open(1)), now);
@@ -145,7 +146,11 @@ fn hostile_frames_are_refused_and_a_live_session_is_unharmed() {
     let step = |server: &mut StageServer, toks: &[u32], pos: u32| {
         let positions: Vec<u32> = (pos..pos + toks.len() as u32).collect();
         server.handle(
-            &frame(1, 5, Message::Forward { positions, tree_parents: None, input: Input::Tokens(toks.to_vec()) }),
+            &frame(
+                1,
+                5,
+                Message::Forward { positions, tree_parents: None, input: Input::Tokens(toks.to_vec()), spec: None },
+            ),
             now,
         )
     };
@@ -162,8 +167,12 @@ fn hostile_frames_are_refused_and_a_live_session_is_unharmed() {
         x
     };
     let valid = [
-        frame(2, 0, Message::Forward { positions: vec![0], tree_parents: None, input: Input::Tokens(vec![5]) })
-            .encode(),
+        frame(
+            2,
+            0,
+            Message::Forward { positions: vec![0], tree_parents: None, input: Input::Tokens(vec![5]), spec: None },
+        )
+        .encode(),
         frame(
             2,
             5,
@@ -171,13 +180,22 @@ fn hostile_frames_are_refused_and_a_live_session_is_unharmed() {
                 positions: vec![3, 4],
                 tree_parents: Some(vec![-1, 0]),
                 input: Input::Tokens(vec![1, 2]),
+                spec: None,
             },
         )
         .encode(),
         frame(
             3,
             0,
-            Message::Open { model_id: [7; 32], start: 0, end: 30, max_tokens: 10, next_hop: None, tail_argmax: false },
+            Message::Open {
+                model_id: [7; 32],
+                start: 0,
+                end: 30,
+                max_tokens: 10,
+                next_hop: None,
+                tail_argmax: false,
+                verify: None,
+            },
         )
         .encode(),
     ];
@@ -198,7 +216,12 @@ fn hostile_frames_are_refused_and_a_live_session_is_unharmed() {
             3 => frame(
                 1,
                 4,
-                Message::Forward { positions: vec![pos], tree_parents: None, input: Input::Tokens(vec![1]) },
+                Message::Forward {
+                    positions: vec![pos],
+                    tree_parents: None,
+                    input: Input::Tokens(vec![1]),
+                    spec: None,
+                },
             )
             .encode(),
             // Wrong positions / unknown sessions / bad shapes.
@@ -215,6 +238,7 @@ fn hostile_frames_are_refused_and_a_live_session_is_unharmed() {
                         dim: 576,
                         data: vec![0; 2304],
                     },
+                    spec: None,
                 },
             )
             .encode(),

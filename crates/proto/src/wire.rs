@@ -56,6 +56,44 @@ pub enum Input {
     },
 }
 
+/// Sampler settings of a session whose tail verifies drafts (DESIGN §3: the SpecExec rule runs
+/// on the tail with the request's sampler and seed, so only token ids cross the network).
+/// Ranges are checked by the stage that uses them, not by the decoder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VerifySpec {
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    pub penalty_last_n: u32,
+    pub seed: u64,
+}
+
+/// What a stage does with the rows of the previous speculative round before running this one.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Commit {
+    /// Keep every row (a causal chain accepted whole, or nothing pending).
+    Keep,
+    /// Keep this path of the last tree batch (batch indices, increasing, starting at 0).
+    Path(Vec<u32>),
+    /// Drop every row after this many tokens (a rejected chain, or a pipeline rollback).
+    Len(u32),
+}
+
+/// The speculative part of a `Forward`: the batch's token ids (carried stage to stage so the
+/// tail knows the session's tokens) and the commit of the previous round. With `verify` the batch
+/// is `[root, draft nodes…]` and the tail answers with a [`Message::Verdict`]; without, it is a
+/// plain causal batch (a prefill or a replay) and the tail answers as for any forward.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpecRound {
+    pub tokens: Vec<u32>,
+    pub commit: Commit,
+    pub verify: bool,
+}
+
 /// One protocol message.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Message {
@@ -71,12 +109,16 @@ pub enum Message {
         max_tokens: u32,
         next_hop: Option<String>,
         tail_argmax: bool,
+        /// The tail verifies speculative rounds with these sampler settings.
+        verify: Option<VerifySpec>,
     },
-    /// Run the stage. `positions` are explicit; `tree_parents` is present for a tree batch.
+    /// Run the stage. `positions` are explicit; `tree_parents` is present for a tree batch;
+    /// `spec` is present for a speculative round verified at the tail.
     Forward {
         positions: Vec<u32>,
         tree_parents: Option<Vec<i32>>,
         input: Input,
+        spec: Option<SpecRound>,
     },
     /// Keep one path of the last tree batch (batch indices, increasing).
     Accept {
@@ -100,6 +142,12 @@ pub enum Message {
     Error {
         code: ErrorCode,
         message: String,
+    },
+    /// The tail's verdict on a speculative round: the accepted draft nodes (indices into the
+    /// round's draft, root excluded, a root-to-node path) and the target's own next token.
+    Verdict {
+        accepted: Vec<u32>,
+        next: u32,
     },
 }
 
@@ -187,6 +235,7 @@ const KIND_CLOSE: u8 = 5;
 const KIND_OUTPUT: u8 = 6;
 const KIND_ERROR: u8 = 7;
 const KIND_ACK: u8 = 8;
+const KIND_VERDICT: u8 = 9;
 
 const INPUT_TOKENS: u8 = 0;
 const INPUT_HIDDEN: u8 = 1;
@@ -196,7 +245,7 @@ impl Frame {
     pub fn encode(&self) -> Vec<u8> {
         let mut p = Vec::new();
         let kind = match &self.message {
-            Message::Open { model_id, start, end, max_tokens, next_hop, tail_argmax } => {
+            Message::Open { model_id, start, end, max_tokens, next_hop, tail_argmax, verify } => {
                 p.extend_from_slice(model_id);
                 for v in [start, end, max_tokens] {
                     p.extend_from_slice(&v.to_le_bytes());
@@ -206,9 +255,24 @@ impl Frame {
                 put_u32(&mut p, hop.len() as u32);
                 p.extend_from_slice(hop);
                 p.push(u8::from(*tail_argmax));
+                match verify {
+                    None => p.push(0),
+                    Some(v) => {
+                        p.push(1);
+                        for f in [v.temperature, v.top_p, v.min_p, v.repetition_penalty] {
+                            p.extend_from_slice(&f.to_le_bytes());
+                        }
+                        for f in [v.frequency_penalty, v.presence_penalty] {
+                            p.extend_from_slice(&f.to_le_bytes());
+                        }
+                        put_u32(&mut p, v.top_k);
+                        put_u32(&mut p, v.penalty_last_n);
+                        p.extend_from_slice(&v.seed.to_le_bytes());
+                    }
+                }
                 KIND_OPEN
             }
-            Message::Forward { positions, tree_parents, input } => {
+            Message::Forward { positions, tree_parents, input, spec } => {
                 put_u32s(&mut p, positions);
                 match tree_parents {
                     None => p.push(0),
@@ -219,6 +283,25 @@ impl Frame {
                     }
                 }
                 put_input(&mut p, input);
+                match spec {
+                    None => p.push(0),
+                    Some(r) => {
+                        p.push(1);
+                        put_u32s(&mut p, &r.tokens);
+                        match &r.commit {
+                            Commit::Keep => p.push(0),
+                            Commit::Path(path) => {
+                                p.push(1);
+                                put_u32s(&mut p, path);
+                            }
+                            Commit::Len(len) => {
+                                p.push(2);
+                                put_u32(&mut p, *len);
+                            }
+                        }
+                        p.push(u8::from(r.verify));
+                    }
+                }
                 KIND_FORWARD
             }
             Message::Accept { path } => {
@@ -244,6 +327,11 @@ impl Frame {
                 put_u32(&mut p, m.len() as u32);
                 p.extend_from_slice(m);
                 KIND_ERROR
+            }
+            Message::Verdict { accepted, next } => {
+                put_u32s(&mut p, accepted);
+                put_u32(&mut p, *next);
+                KIND_VERDICT
             }
         };
         let mut out = Vec::with_capacity(HEADER_BYTES + p.len());
@@ -320,7 +408,30 @@ impl Frame {
                     1 => true,
                     x => return Err(WireError::Invalid { what: "tail_argmax flag", value: x.into() }),
                 };
-                Message::Open { model_id, start, end, max_tokens, next_hop, tail_argmax }
+                let verify = match r.u8()? {
+                    0 => None,
+                    1 => {
+                        let mut f = [0f32; 6];
+                        for v in &mut f {
+                            *v = f32::from_bits(r.u32()?);
+                        }
+                        let (top_k, penalty_last_n) = (r.u32()?, r.u32()?);
+                        let seed = u64::from(r.u32()?) | (u64::from(r.u32()?) << 32);
+                        Some(VerifySpec {
+                            temperature: f[0],
+                            top_p: f[1],
+                            min_p: f[2],
+                            repetition_penalty: f[3],
+                            frequency_penalty: f[4],
+                            presence_penalty: f[5],
+                            top_k,
+                            penalty_last_n,
+                            seed,
+                        })
+                    }
+                    x => return Err(WireError::Invalid { what: "verify flag", value: x.into() }),
+                };
+                Message::Open { model_id, start, end, max_tokens, next_hop, tail_argmax, verify }
             }
             KIND_FORWARD => {
                 let positions = r.u32s("positions", limits::FORWARD_BATCH_TOKENS_MAX)?;
@@ -337,7 +448,26 @@ impl Frame {
                     x => return Err(WireError::Invalid { what: "tree flag", value: x.into() }),
                 };
                 let input = r.input()?;
-                Message::Forward { positions, tree_parents, input }
+                let spec = match r.u8()? {
+                    0 => None,
+                    1 => {
+                        let tokens = r.u32s("round tokens", limits::FORWARD_BATCH_TOKENS_MAX)?;
+                        let commit = match r.u8()? {
+                            0 => Commit::Keep,
+                            1 => Commit::Path(r.u32s("commit path", limits::FORWARD_BATCH_TOKENS_MAX)?),
+                            2 => Commit::Len(r.u32()?),
+                            x => return Err(WireError::Invalid { what: "commit kind", value: x.into() }),
+                        };
+                        let verify = match r.u8()? {
+                            0 => false,
+                            1 => true,
+                            x => return Err(WireError::Invalid { what: "verify flag", value: x.into() }),
+                        };
+                        Some(SpecRound { tokens, commit, verify })
+                    }
+                    x => return Err(WireError::Invalid { what: "spec flag", value: x.into() }),
+                };
+                Message::Forward { positions, tree_parents, input, spec }
             }
             KIND_ACCEPT => Message::Accept { path: r.u32s("path", limits::FORWARD_BATCH_TOKENS_MAX)? },
             KIND_TRUNCATE => Message::Truncate { len: r.u32()? },
@@ -349,6 +479,10 @@ impl Frame {
                 let n = r.count("error message", limits::ERROR_MESSAGE_BYTES_MAX, 1)?;
                 let message = String::from_utf8_lossy(r.take(n)?).into_owned();
                 Message::Error { code, message }
+            }
+            KIND_VERDICT => {
+                let accepted = r.u32s("accepted nodes", limits::FORWARD_BATCH_TOKENS_MAX)?;
+                Message::Verdict { accepted, next: r.u32()? }
             }
             k => return Err(WireError::Invalid { what: "frame kind", value: k.into() }),
         };

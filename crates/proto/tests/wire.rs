@@ -1,12 +1,22 @@
 //! Frames round-trip, and hostile bytes never panic or allocate past the limits.
 
 use specswarm_proto::limits;
-use specswarm_proto::wire::{Dtype, ErrorCode, Frame, HEADER_BYTES, Input, Message, WireError};
+use specswarm_proto::wire::{
+    Commit, Dtype, ErrorCode, Frame, HEADER_BYTES, Input, Message, SpecRound, VerifySpec, WireError,
+};
 
 fn frames() -> Vec<Frame> {
     let f = |message| Frame { session: 0xDEAD_BEEF_0000_0001, epoch: 7, seq: 42, message };
     vec![
-        f(Message::Open { model_id: [9; 32], start: 0, end: 10, max_tokens: 4096, next_hop: None, tail_argmax: false }),
+        f(Message::Open {
+            model_id: [9; 32],
+            start: 0,
+            end: 10,
+            max_tokens: 4096,
+            next_hop: None,
+            tail_argmax: false,
+            verify: None,
+        }),
         f(Message::Open {
             model_id: [1; 32],
             start: 10,
@@ -14,13 +24,49 @@ fn frames() -> Vec<Frame> {
             max_tokens: 64,
             next_hop: Some("127.0.0.1:7002".into()),
             tail_argmax: true,
+            verify: Some(VerifySpec {
+                temperature: 0.7,
+                top_k: 40,
+                top_p: 0.9,
+                min_p: 0.05,
+                repetition_penalty: 1.1,
+                frequency_penalty: 0.5,
+                presence_penalty: -0.25,
+                penalty_last_n: 64,
+                seed: 0x1234_5678_9ABC_DEF0,
+            }),
         }),
-        f(Message::Forward { positions: vec![5, 6, 7], tree_parents: None, input: Input::Tokens(vec![1, 2, 3]) }),
+        f(Message::Forward {
+            positions: vec![5, 6, 7],
+            tree_parents: None,
+            input: Input::Tokens(vec![1, 2, 3]),
+            spec: None,
+        }),
         f(Message::Forward {
             positions: vec![5, 6, 6],
             tree_parents: Some(vec![-1, 0, 0]),
             input: Input::Hidden { dtype: Dtype::F16, rows: 3, dim: 4, data: (0..24).collect() },
+            spec: None,
         }),
+        f(Message::Forward {
+            positions: vec![9, 10, 10],
+            tree_parents: Some(vec![-1, 0, 0]),
+            input: Input::Hidden { dtype: Dtype::F32, rows: 3, dim: 1, data: (0..12).collect() },
+            spec: Some(SpecRound { tokens: vec![5, 6, 7], commit: Commit::Path(vec![0, 1, 3]), verify: true }),
+        }),
+        f(Message::Forward {
+            positions: vec![4, 5],
+            tree_parents: None,
+            input: Input::Tokens(vec![8, 9]),
+            spec: Some(SpecRound { tokens: vec![8, 9], commit: Commit::Len(4), verify: true }),
+        }),
+        f(Message::Forward {
+            positions: vec![4],
+            tree_parents: None,
+            input: Input::Tokens(vec![8]),
+            spec: Some(SpecRound { tokens: vec![8], commit: Commit::Keep, verify: false }),
+        }),
+        f(Message::Verdict { accepted: vec![0, 2, 5], next: 49151 }),
         f(Message::Accept { path: vec![0, 2] }),
         f(Message::Truncate { len: 17 }),
         f(Message::Close),

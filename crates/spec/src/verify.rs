@@ -60,7 +60,7 @@ fn check_shapes(tree: &DraftTree, logits: &[f32], vocab: usize) {
 /// from the post-chain distribution.
 fn target_draw(sampler: &mut Sampler, logits: &[f32], history: &[u32]) -> u32 {
     let dist = sampler.distribution(logits, history);
-    if sampler.config().is_greedy() { dist.tokens[0] } else { sampler.sample_from(&dist) }
+    if sampler.config().is_greedy() { dist.tokens[0] } else { sampler.sample_at(&dist, history.len()) }
 }
 
 /// SpecExec rule (lossless for ANY tree, needs no draft probabilities): at the root, draw y from

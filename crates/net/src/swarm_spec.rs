@@ -1,0 +1,486 @@
+//! Speculative decoding across a ring: the client drafts, the ring verifies, the tail decides.
+//!
+//! Each round is one traversal of a [`DirectRing`]: the client sends `[root, draft nodes…]`
+//! (a chain or a tree) to the head with the commit of the previous round; every stage applies the
+//! commit (keep a tree path, or roll back to a length), runs its layers and forwards; the tail
+//! verifies with the SpecExec rule and the request's sampler (positional randomness, see
+//! [`specswarm_engine::sampling::Sampler::positional`]) and sends only a [`Message::Verdict`]
+//! (accepted node indices and its own next token) straight back to the client. Lossless: greedy
+//! output is the target's greedy output, sampled output is the target's sampled output for the
+//! same seed, token for token.
+//!
+//! **Pipelining.** With `depth_max > 1` the client does not wait: it assumes the round in flight
+//! will be accepted whole and that the target's next token will be the drafter's next guess, and
+//! sends the round after it built on that assumption (chains only: a chain's rows sit at their
+//! final positions, so keeping them needs no compaction). Up to `depth` rounds are in flight. A
+//! verdict that breaks the assumption makes every later round stale: the client starts a new
+//! epoch and its next round carries `Commit::Len`, which rolls every stage back before it runs
+//! (frames travel the ring in order, so stale rounds are always overtaken by the rollback, never
+//! the other way round); verdicts of older epochs are dropped. The depth adapts: it follows the
+//! measured probability `s` that a round survives whole, as the expected run of survivals
+//! `s / (1 − s)` (pipelining only pays when in-flight rounds usually survive).
+//!
+//! **Failover.** If a stage dies or stalls (every wait is bounded by the ring's timeout), the
+//! caller's `spares` names a replacement for that stage's span; the client reconnects, reopens
+//! the session everywhere, replays the committed tokens to rebuild the KV caches, and continues.
+//! The tail's randomness depends only on (seed, position), so the output is unchanged.
+
+use std::collections::VecDeque;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use specswarm_engine::generate::FinishReason;
+use specswarm_engine::sampling::SamplerConfig;
+use specswarm_proto::wire::{Commit, Message, SpecRound, VerifySpec};
+use specswarm_spec::drafter::{DraftBudget, Drafter};
+use specswarm_spec::policy::{Policy, PolicyMode};
+use specswarm_spec::tree::DraftTree;
+
+use crate::direct::DirectRing;
+use crate::ring::{RingError, RingSpec};
+
+/// How a speculative request runs through the ring.
+#[derive(Clone, Debug)]
+pub struct SwarmSpecSettings {
+    /// Most rounds in flight (1: wait for each verdict; trees are allowed only then).
+    pub depth_max: usize,
+    /// Adapt the depth to the measured survival rate (otherwise always `depth_max`).
+    pub adaptive_depth: bool,
+    /// Failovers allowed per request.
+    pub failovers_max: usize,
+}
+
+impl Default for SwarmSpecSettings {
+    fn default() -> Self {
+        SwarmSpecSettings { depth_max: 1, adaptive_depth: true, failovers_max: 3 }
+    }
+}
+
+/// Counts and timings of one request.
+#[derive(Clone, Debug, Default)]
+pub struct SwarmSpecStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// Verdicts used (stale ones excluded).
+    pub rounds: usize,
+    /// Rounds sent whose verdicts came back stale (wasted by a broken pipeline assumption).
+    pub stale_rounds: usize,
+    pub drafted_nodes: usize,
+    pub accepted_tokens: usize,
+    /// Verdicts whose `next` token was not among the tokens already sent (the target's token
+    /// missed the drafts): each costs at least one traversal.
+    pub misses: usize,
+    pub failovers: usize,
+    /// Sum and count of send → verdict times of the rounds used.
+    pub traversal_s_sum: f64,
+    pub decode: Duration,
+    /// Mean pipeline depth over rounds sent.
+    pub depth_sum: usize,
+    pub rounds_sent: usize,
+}
+
+impl SwarmSpecStats {
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        let s = self.decode.as_secs_f64();
+        if s == 0.0 { 0.0 } else { self.generated_tokens as f64 / s }
+    }
+
+    /// Probability that the target's token was among those sent (DESIGN §3's `a`).
+    pub fn acceptance_rate(&self) -> f64 {
+        if self.generated_tokens == 0 { 0.0 } else { 1.0 - self.misses as f64 / self.generated_tokens as f64 }
+    }
+
+    /// Accepted draft tokens over drafted nodes.
+    pub fn draft_acceptance(&self) -> f64 {
+        if self.drafted_nodes == 0 { 0.0 } else { self.accepted_tokens as f64 / self.drafted_nodes as f64 }
+    }
+
+    pub fn tokens_per_round(&self) -> f64 {
+        if self.rounds == 0 { 0.0 } else { self.generated_tokens as f64 / self.rounds as f64 }
+    }
+
+    /// Mean send → verdict time of one round (seconds).
+    pub fn traversal_s(&self) -> f64 {
+        if self.rounds == 0 { 0.0 } else { self.traversal_s_sum / self.rounds as f64 }
+    }
+
+    pub fn mean_depth(&self) -> f64 {
+        if self.rounds_sent == 0 { 0.0 } else { self.depth_sum as f64 / self.rounds_sent as f64 }
+    }
+}
+
+/// Why a swarm request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmSpecError {
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    #[error(transparent)]
+    Spec(#[from] specswarm_spec::SpecError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("stage {stage} failed and no replacement is available: {cause}")]
+    NoReplacement { stage: usize, cause: RingError },
+}
+
+/// A round in flight.
+struct Round {
+    seq: u32,
+    sent: Instant,
+    /// KV rows committed before this round (the root's position).
+    base: usize,
+    tree: DraftTree,
+    /// A causal chain batch (rows committed as they run) rather than a tree batch.
+    causal: bool,
+    /// The token assumed to follow this round's drafts (the next round's root), if any.
+    assumed: Option<u32>,
+}
+
+/// Everything needed to (re)build the ring.
+pub struct RingPlan {
+    pub addrs: Vec<SocketAddr>,
+    pub spec: RingSpec,
+    pub session: u64,
+    pub timeout: Duration,
+}
+
+/// Generate up to `max_tokens` tokens after `prompt` through the ring described by `plan`,
+/// speculatively. `spares(stage, cause)` names a replacement worker for a stage that failed
+/// (`None`: give up).
+pub fn generate_swarm_speculative(
+    plan: &mut RingPlan,
+    drafter: &mut dyn Drafter,
+    policy: &mut Policy,
+    settings: &SwarmSpecSettings,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampler: &SamplerConfig,
+    stop_ids: &[u32],
+    spares: &mut dyn FnMut(usize) -> Option<SocketAddr>,
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<(Vec<u32>, FinishReason, SwarmSpecStats), SwarmSpecError> {
+    if prompt.is_empty() {
+        return Err(SwarmSpecError::Invalid("empty prompt".into()));
+    }
+    if settings.depth_max == 0 {
+        return Err(SwarmSpecError::Invalid("pipeline depth must be at least 1".into()));
+    }
+    policy.next_budget().validate()?;
+    sampler.validate().map_err(|e| SwarmSpecError::Invalid(e.to_string()))?;
+    let max_nodes = match policy.mode() {
+        PolicyMode::Fixed(b) => b.max_nodes,
+        PolicyMode::Adaptive { max_nodes, .. } => *max_nodes,
+    };
+    let kv_tokens = prompt.len() + max_tokens + settings.depth_max * (max_nodes + 2) + 1;
+    let verify = verify_spec(sampler);
+
+    let mut stats = SwarmSpecStats { prompt_tokens: prompt.len(), ..Default::default() };
+    let mut state = State { seq: prompt.to_vec(), out: Vec::with_capacity(max_tokens), finish: None };
+    if max_tokens == 0 {
+        return Ok((state.out, FinishReason::Length, stats));
+    }
+    let t0 = Instant::now();
+    loop {
+        let mut ring = match connect_and_replay(plan, kv_tokens, &verify, &state.seq) {
+            Ok(r) => r,
+            Err(e) => {
+                failover(plan, &e, &mut stats, settings, spares)?;
+                continue;
+            }
+        };
+        match run_rounds(&mut ring, drafter, policy, settings, max_tokens, stop_ids, &mut state, &mut stats, on_token) {
+            Ok(()) => {
+                let _ = close(&mut ring);
+                break;
+            }
+            Err(SwarmSpecError::Ring(e)) => failover(plan, &e, &mut stats, settings, spares)?,
+            Err(e) => return Err(e),
+        }
+    }
+    stats.decode = t0.elapsed();
+    stats.generated_tokens = state.out.len();
+    drafter.finish(&state.out);
+    let finish = state.finish.unwrap_or(FinishReason::Length);
+    Ok((state.out, finish, stats))
+}
+
+struct State {
+    /// Prompt and every committed output token; its last token is the next round's root.
+    seq: Vec<u32>,
+    out: Vec<u32>,
+    finish: Option<FinishReason>,
+}
+
+impl State {
+    /// Commit one token; false once the request is finished.
+    fn push(&mut self, tok: u32, max_tokens: usize, stop_ids: &[u32], on_token: &mut dyn FnMut(u32) -> bool) -> bool {
+        self.out.push(tok);
+        self.seq.push(tok);
+        if stop_ids.contains(&tok) {
+            self.finish = Some(FinishReason::Stop);
+        } else if !on_token(tok) {
+            self.finish = Some(FinishReason::Cancelled);
+        } else if self.out.len() == max_tokens {
+            self.finish = Some(FinishReason::Length);
+        }
+        self.finish.is_none()
+    }
+}
+
+fn verify_spec(s: &SamplerConfig) -> VerifySpec {
+    VerifySpec {
+        temperature: s.temperature,
+        top_k: s.top_k.min(u32::MAX as usize) as u32,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repetition_penalty: s.repetition_penalty,
+        frequency_penalty: s.frequency_penalty,
+        presence_penalty: s.presence_penalty,
+        penalty_last_n: s.penalty_last_n.min(u32::MAX as usize) as u32,
+        seed: s.seed,
+    }
+}
+
+/// Connect, open the session everywhere, and send the committed tokens but the last (the next
+/// root) as a plain causal batch that carries its tokens to the tail.
+fn connect_and_replay(
+    plan: &RingPlan,
+    kv_tokens: usize,
+    verify: &VerifySpec,
+    seq: &[u32],
+) -> Result<DirectRing, RingError> {
+    let unreachable = |e: std::io::Error| RingError::Unreachable { stage: 0, reason: e.to_string() };
+    let mut ring =
+        DirectRing::connect(&plan.addrs, plan.spec.clone(), plan.session, plan.timeout).map_err(unreachable)?;
+    ring.open_speculative(kv_tokens as u32, verify.clone())?;
+    let body = &seq[..seq.len() - 1];
+    for (i, chunk) in body.chunks(specswarm_proto::limits::FORWARD_BATCH_TOKENS_MAX).enumerate() {
+        let start = i * specswarm_proto::limits::FORWARD_BATCH_TOKENS_MAX;
+        let positions: Vec<u32> = (start as u32..(start + chunk.len()) as u32).collect();
+        ring.send_round(&positions, None, SpecRound { tokens: chunk.to_vec(), commit: Commit::Keep, verify: false })?;
+    }
+    Ok(ring)
+}
+
+fn close(ring: &mut DirectRing) -> Result<(), RingError> {
+    ring.close()
+}
+
+/// Find the failed stage and swap in a replacement.
+fn failover(
+    plan: &mut RingPlan,
+    cause: &RingError,
+    stats: &mut SwarmSpecStats,
+    settings: &SwarmSpecSettings,
+    spares: &mut dyn FnMut(usize) -> Option<SocketAddr>,
+) -> Result<(), SwarmSpecError> {
+    if stats.failovers >= settings.failovers_max {
+        return Err(SwarmSpecError::Ring(cause.clone()));
+    }
+    stats.failovers += 1;
+    // The stage that does not accept connections any more; if all do (a stall), the one the
+    // error names.
+    let dead =
+        plan.addrs.iter().position(|a| TcpStream::connect_timeout(a, Duration::from_millis(500)).is_err()).unwrap_or(
+            match cause {
+                RingError::Unreachable { stage, .. }
+                | RingError::Refused { stage, .. }
+                | RingError::Unexpected { stage }
+                | RingError::Wire { stage, .. } => *stage,
+            },
+        );
+    let Some(addr) = spares(dead) else {
+        return Err(SwarmSpecError::NoReplacement { stage: dead, cause: cause.clone() });
+    };
+    plan.addrs[dead] = addr;
+    plan.session = plan.session.wrapping_add(0x9E37_79B9);
+    Ok(())
+}
+
+/// Rounds until the request finishes. A ring failure returns `Err(Ring)` with `state` holding
+/// every token committed so far.
+#[allow(clippy::too_many_arguments)]
+fn run_rounds(
+    ring: &mut DirectRing,
+    drafter: &mut dyn Drafter,
+    policy: &mut Policy,
+    settings: &SwarmSpecSettings,
+    max_tokens: usize,
+    stop_ids: &[u32],
+    state: &mut State,
+    stats: &mut SwarmSpecStats,
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<(), SwarmSpecError> {
+    let pipelined = settings.depth_max > 1;
+    let mut in_flight: VecDeque<Round> = VecDeque::new();
+    // Commit the next round sent must carry (when nothing is in flight).
+    let mut pending = Commit::Keep;
+    // EMA of the probability that a round survives whole (its assumption holds).
+    let mut survival = 0.5f64;
+    loop {
+        // Fill the pipeline.
+        let depth = if !pipelined {
+            1
+        } else if settings.adaptive_depth {
+            let run = survival / (1.0 - survival).max(1e-3);
+            (1.0 + run).floor().clamp(1.0, settings.depth_max as f64) as usize
+        } else {
+            settings.depth_max
+        };
+        while in_flight.len() < depth {
+            // The speculative sequence: committed tokens plus what in-flight rounds assume.
+            let mut spec_seq = state.seq.clone();
+            for r in &in_flight {
+                match r.assumed {
+                    Some(a) => {
+                        spec_seq.extend(r.tree.tokens.iter().copied());
+                        spec_seq.push(a);
+                    }
+                    None => unreachable!("a round without an assumption is always the last in flight"),
+                }
+            }
+            let speculated = spec_seq.len() - state.seq.len();
+            let room = max_tokens.saturating_sub(state.out.len() + speculated);
+            if room == 0 {
+                break;
+            }
+            let budget = policy.next_budget();
+            let (tree, assumed) = if pipelined {
+                let gamma = budget.max_depth.min(room);
+                let chain = drafter.propose(&spec_seq, &DraftBudget::chain(gamma + 1))?;
+                let mut tokens = spine(&chain);
+                tokens.truncate(gamma + 1);
+                // The last proposed token is the guess of the target's own next token.
+                let assumed = tokens.pop();
+                (DraftTree::chain(&tokens), assumed)
+            } else {
+                let tree = drafter.propose(&spec_seq, &budget)?;
+                let room = room - 1;
+                let keep: Vec<usize> =
+                    (0..tree.len()).filter(|&i| i < budget.max_nodes && tree.depth(i) <= room).collect();
+                (if keep.len() == tree.len() { tree } else { prune(&tree, &keep) }, None)
+            };
+            let causal = tree.is_chain();
+            let root = *spec_seq.last().expect("never empty");
+            let base = spec_seq.len() - 1;
+            let tokens = tree.batch_tokens(root);
+            let positions = tree.batch_positions(base);
+            let parents = (!causal).then(|| tree.batch_parents());
+            let commit =
+                if in_flight.is_empty() { std::mem::replace(&mut pending, Commit::Keep) } else { Commit::Keep };
+            let seq = ring.send_round(&positions, parents.as_deref(), SpecRound { tokens, commit, verify: true })?;
+            stats.rounds_sent += 1;
+            stats.depth_sum += in_flight.len() + 1;
+            stats.drafted_nodes += tree.len();
+            let stop = assumed.is_none();
+            in_flight.push_back(Round { seq, sent: Instant::now(), base, tree, causal, assumed });
+            if stop {
+                break;
+            }
+        }
+
+        // The verdict of the oldest round.
+        let round = in_flight.front().expect("a round is in flight");
+        let (accepted, next) = wait_verdict(ring, round.seq)?;
+        let round = in_flight.pop_front().expect("checked above");
+        let traversal_s = round.sent.elapsed().as_secs_f64();
+        stats.rounds += 1;
+        stats.traversal_s_sum += traversal_s;
+        let path_ok = accepted.windows(2).all(|w| round.tree.parents[w[1] as usize] == w[0] as i32)
+            && accepted.first().is_none_or(|&c| round.tree.parents.get(c as usize) == Some(&-1))
+            && accepted.iter().all(|&i| (i as usize) < round.tree.len());
+        if !path_ok {
+            return Err(SwarmSpecError::Ring(RingError::Unexpected { stage: ring.stages() - 1 }));
+        }
+        stats.accepted_tokens += accepted.len();
+        let whole = accepted.len() == round.tree.len() && round.causal;
+        let survived = whole && round.assumed == Some(next);
+        if !survived {
+            stats.misses += 1;
+        }
+        policy.record(
+            (0..round.tree.len()).map(|i| round.tree.depth(i)).max().unwrap_or(0),
+            accepted.len(),
+            0.0,
+            round.tree.len() + 1,
+            traversal_s,
+        );
+        if round.assumed.is_some() {
+            survival += 0.2 * (f64::from(u8::from(survived)) - survival);
+        }
+
+        let emitted: Vec<u32> =
+            accepted.iter().map(|&i| round.tree.tokens[i as usize]).chain(std::iter::once(next)).collect();
+        let mut live = true;
+        for tok in emitted {
+            if !state.push(tok, max_tokens, stop_ids, on_token) {
+                live = false;
+                break;
+            }
+        }
+        if !live {
+            stats.stale_rounds += in_flight.len();
+            return Ok(());
+        }
+        drafter.observe(&state.seq);
+        if survived {
+            continue; // the next round in flight (if any) was built on exactly this
+        }
+        // Roll back: later rounds are stale; the next round keeps what this verdict accepted.
+        stats.stale_rounds += in_flight.len();
+        if !in_flight.is_empty() {
+            in_flight.clear();
+            ring.bump_epoch();
+        }
+        pending = if round.causal {
+            if whole && in_flight.is_empty() && round.assumed.is_none() {
+                Commit::Keep
+            } else {
+                Commit::Len((round.base + 1 + accepted.len()) as u32)
+            }
+        } else {
+            Commit::Path(std::iter::once(0).chain(accepted.iter().map(|&i| i + 1)).collect())
+        };
+    }
+}
+
+/// The verdict for round `seq` of the current epoch; stale frames are skipped.
+fn wait_verdict(ring: &mut DirectRing, seq: u32) -> Result<(Vec<u32>, u32), RingError> {
+    let deadline = Instant::now() + ring.timeout();
+    loop {
+        let (from, frame) = ring.next_frame(deadline)?;
+        if frame.epoch < ring.epoch() {
+            continue;
+        }
+        match frame.message {
+            Message::Verdict { accepted, next } if frame.seq == seq => return Ok((accepted, next)),
+            Message::Error { code, message } => return Err(RingError::Refused { stage: from, code, message }),
+            _ => continue, // replies to replays, or verdicts of rounds already given up
+        }
+    }
+}
+
+/// The first chain of a proposal (its spine: first child at every level).
+fn spine(tree: &DraftTree) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut at = None;
+    while let Some(c) = tree.children(at).next() {
+        out.push(tree.tokens[c]);
+        at = Some(c);
+    }
+    out
+}
+
+/// The subtree made of `keep` (indices in order; nodes whose parent is dropped are dropped).
+fn prune(tree: &DraftTree, keep: &[usize]) -> DraftTree {
+    let mut map = vec![-1i32; tree.len()];
+    let mut out = DraftTree::default();
+    for &i in keep {
+        let p = tree.parents[i];
+        if p >= 0 && map[p as usize] < 0 {
+            continue;
+        }
+        let np = if p < 0 { -1 } else { map[p as usize] };
+        map[i] = out.push(tree.tokens[i], np, tree.probs[i]) as i32;
+    }
+    out
+}
