@@ -7,14 +7,14 @@ use anyhow::{Context, Result};
 use specswarm_engine::model::{Batch, ModelSlice, StepInput, Want};
 use specswarm_engine::sampling::Rng;
 
-use crate::cli::{BenchCommand, BenchEngineArgs, BenchRingArgs, BenchSpecArgs, BenchSwarmArgs};
+use crate::cli::{BenchCommand, BenchEngineArgs, BenchSpecArgs};
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Engine(args) => engine(&args),
         BenchCommand::Spec(args) => spec(&args),
-        BenchCommand::Swarm(args) => swarm(&args),
-        BenchCommand::Ring(args) => ring(&args),
+        BenchCommand::Swarm(args) => crate::bench_swarm::swarm(&args),
+        BenchCommand::Ring(args) => crate::bench_swarm::ring(&args),
     }
 }
 
@@ -190,120 +190,5 @@ fn spec(args: &BenchSpecArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::json!({ "model": args.model, "budget": format!("{budget:?}"), "rows": rows }));
     }
-    Ok(())
-}
-
-/// Plain decoding through an in-process ring with emulated delay (`ring::DelayLink`).
-///
-/// The client drives each stage in turn (request and reply per hop), so one token costs
-/// T = 2·N·L + Σc. A ring whose stages forward to each other and whose tail returns straight to
-/// the client costs (N + 1)·L + Σc: both ceilings are printed next to the measurement.
-fn swarm(args: &BenchSwarmArgs) -> Result<()> {
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use specswarm_engine::model::LoadOptions;
-    use specswarm_engine::sampling::Sampler;
-    use specswarm_net::ring::{DelayLink, LocalLink, RingClient, RingSpec, StageLink, generate_ring};
-    use specswarm_net::stage::{StageLimits, StageServer};
-
-    let path = crate::resolve_model(&args.model)?;
-    let tok = specswarm_engine::tokenizer::Tokenizer::from_gguf(&path)?;
-    let model_id = specswarm_net::model_id(&path)?;
-    let n_layers = crate::load_model(&path, 1)?.config().n_layers;
-    let ids = crate::encode_prompt(&path, &tok, "Write a short story about a lighthouse keeper.", true)?;
-    let parse = |s: &str| -> Result<Vec<usize>> { s.split(',').map(|x| Ok(x.trim().parse()?)).collect() };
-    let mut rows = Vec::new();
-    if !args.json {
-        println!(
-            "model {}, {} tokens, emulator: in-process delay per hop (ring::DelayLink)",
-            args.model, args.max_tokens
-        );
-        println!(
-            "{:>6} {:>8} {:>9} {:>8} {:>14} {:>14} {:>9}",
-            "stages", "L (ms)", "tok/s", "T (ms)", "ceiling star", "ceiling ring", "% star"
-        );
-    }
-    for n in parse(&args.stages)? {
-        let cuts: Vec<usize> = (0..=n).map(|i| i * n_layers / n).collect();
-        let slices: Vec<Arc<_>> = cuts
-            .windows(2)
-            .map(|w| {
-                ModelSlice::load(&path, &LoadOptions { layers: Some(w[0]..w[1]), threads: 1, ..Default::default() })
-                    .map(Arc::new)
-            })
-            .collect::<Result<_, _>>()?;
-        let mut compute_ms = None;
-        for l in parse(&args.latency_ms)? {
-            let one_way = Duration::from_millis(l as u64);
-            let links: Vec<Box<dyn StageLink>> = slices
-                .iter()
-                .map(|s| {
-                    let server = StageServer::new(Arc::clone(s), model_id, StageLimits::default());
-                    Box::new(DelayLink { inner: LocalLink(server), one_way }) as Box<dyn StageLink>
-                })
-                .collect();
-            let ranges = cuts.windows(2).map(|w| (w[0] as u32, w[1] as u32)).collect();
-            let mut ring = RingClient::new(links, RingSpec { model_id, ranges }, 1);
-            let mut sampler = Sampler::new(Default::default())?;
-            let (_, stats) = generate_ring(&mut ring, &ids, args.max_tokens, &mut sampler, &[], &mut |_| true)?;
-            let tps = stats.decode_tokens_per_s();
-            let t_ms = 1000.0 / tps;
-            // Σc: the per-token time measured with no delay (the first latency should be 0).
-            let c = *compute_ms.get_or_insert(if l == 0 { t_ms } else { t_ms - 2.0 * n as f64 * l as f64 });
-            let star = 1000.0 / (2.0 * n as f64 * l as f64 + c);
-            let ring_ceiling = 1000.0 / ((n + 1) as f64 * l as f64 + c);
-            if !args.json {
-                println!(
-                    "{n:>6} {l:>8} {tps:>9.1} {t_ms:>8.1} {star:>14.1} {ring_ceiling:>14.1} {:>8.0}%",
-                    100.0 * tps / star
-                );
-            }
-            rows.push(serde_json::json!({
-                "stages": n, "latency_ms": l, "tokens_per_s": tps, "traversal_ms": t_ms,
-                "ceiling_star_tokens_per_s": star, "ceiling_ring_tokens_per_s": ring_ceiling,
-            }));
-        }
-    }
-    if args.json {
-        println!("{}", serde_json::json!({ "model": args.model, "emulator": "inproc", "rows": rows }));
-    }
-    Ok(())
-}
-
-/// Plain greedy decoding through running workers (ring with direct return); prints one JSON line.
-fn ring(args: &BenchRingArgs) -> Result<()> {
-    use specswarm_net::direct::DirectRing;
-    use specswarm_net::ring::RingSpec;
-
-    let path = crate::resolve_model(&args.model)?;
-    let model_id = specswarm_net::model_id(&path)?;
-    let file = specswarm_engine::gguf::GgufFile::open(&path)?;
-    let n_layers = specswarm_engine::config::ModelConfig::from_gguf(&file)?.n_layers;
-    let addrs: Vec<std::net::SocketAddr> = args
-        .workers
-        .split(',')
-        .map(|a| a.trim().parse().with_context(|| format!("bad address {a:?}")))
-        .collect::<Result<_>>()?;
-    let n = addrs.len();
-    let ranges = (0..n).map(|i| ((i * n_layers / n) as u32, ((i + 1) * n_layers / n) as u32)).collect();
-    let mut ring = DirectRing::connect(&addrs, RingSpec { model_id, ranges }, 1, std::time::Duration::from_secs(60))?;
-    let tok = specswarm_engine::tokenizer::Tokenizer::from_gguf(&path)?;
-    let ids = crate::encode_prompt(&path, &tok, "Write a short story about a lighthouse keeper.", true)?;
-    // Greedy at the tail: only token ids travel back to the client.
-    ring.open_with((ids.len() + args.max_tokens + 1) as u32, true)?;
-    let pos: Vec<u32> = (0..ids.len() as u32).collect();
-    let mut next = ring.forward_argmax(&ids, &pos, None)?[0];
-    let t = Instant::now();
-    for _ in 0..args.max_tokens {
-        let p = [ring.committed() as u32];
-        next = ring.forward_argmax(&[next], &p, None)?[0];
-    }
-    let s = t.elapsed().as_secs_f64();
-    ring.close()?;
-    println!(
-        "{}",
-        serde_json::json!({ "stages": n, "tokens": args.max_tokens, "tokens_per_s": args.max_tokens as f64 / s, "traversal_ms": 1000.0 * s / args.max_tokens as f64 })
-    );
     Ok(())
 }

@@ -62,6 +62,9 @@ pub struct WorkerArgs {
     /// Exit when standard input closes (the demo uses this so workers never outlive it).
     #[arg(long)]
     pub exit_on_stdin_eof: bool,
+    /// In-process WAN emulation: delay every frame this worker sends by this many milliseconds.
+    #[arg(long, default_value_t = 0.0)]
+    pub delay_ms: f64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -120,11 +123,11 @@ pub enum BenchCommand {
     /// Speculative decoding on the prompt suites: acceptance, tokens per round, and local speedup
     /// over plain decoding (outputs are checked to be identical).
     Spec(BenchSpecArgs),
-    /// Plain (non-speculative) decoding through an in-process ring of N stages with emulated
-    /// one-way delay per hop, next to the ceilings computed from the measured compute time.
+    /// Worker processes under WAN emulation: plain, speculative chain, tree and pipelined
+    /// decoding and concurrent streams in one run, each next to its ceiling 1/((1 − a)·T).
     Swarm(BenchSwarmArgs),
-    /// Plain decoding through running workers as a ring with direct return (use inside the
-    /// WAN emulator: `ip netns exec sswN specswarm bench ring ...`).
+    /// The client half of `bench swarm` against workers already running (the netns emulator
+    /// runs it inside the client's namespace).
     Ring(BenchRingArgs),
 }
 
@@ -132,25 +135,70 @@ pub enum BenchCommand {
 pub struct BenchRingArgs {
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
-    /// Comma-separated worker addresses, in layer order.
+    /// Comma-separated worker addresses, in layer order (each serves an equal share of layers).
     #[arg(long)]
     pub workers: String,
-    #[arg(long, default_value_t = 32)]
+    /// Tokens per prompt.
+    #[arg(long, default_value_t = 48)]
     pub max_tokens: usize,
+    /// Prompt suite: chat, code, agentic or copy.
+    #[arg(long, default_value = "chat")]
+    pub prompts: String,
+    /// Drafter for the speculative modes (ngram, suffix, self:K, model:PATH_OR_NAME).
+    #[arg(long, default_value = "suffix")]
+    pub draft: String,
+    /// Draft depth γ.
+    #[arg(long, default_value_t = 8)]
+    pub draft_len: usize,
+    /// Tree node budget B of the tree mode.
+    #[arg(long, default_value_t = 24)]
+    pub tree_budget: usize,
+    /// Most rounds in flight in the pipelined mode.
+    #[arg(long, default_value_t = 4)]
+    pub depth: usize,
+    /// Comma-separated concurrent stream counts.
+    #[arg(long, default_value = "1,4,8")]
+    pub streams: String,
+    /// One-way delay this client adds to every frame it sends (in-process emulator), ms.
+    #[arg(long, default_value_t = 0.0)]
+    pub delay_ms: f64,
 }
 
 #[derive(Args, Debug)]
 pub struct BenchSwarmArgs {
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
-    /// Comma-separated stage counts.
-    #[arg(long, default_value = "1,3,6")]
-    pub stages: String,
-    /// Comma-separated one-way delays per hop, in milliseconds.
-    #[arg(long, default_value = "0,10,25")]
-    pub latency_ms: String,
-    #[arg(long, default_value_t = 24)]
+    /// Number of stages (worker processes, equal layer shares).
+    #[arg(long, default_value_t = 4)]
+    pub stages: usize,
+    /// One-way delay per hop, milliseconds.
+    #[arg(long, default_value_t = 25.0)]
+    pub latency_ms: f64,
+    /// WAN emulator: `inproc` (every process delays what it sends; no root) or `netns`
+    /// (namespaces joined by the user-space TUN router; root).
+    #[arg(long, default_value = "inproc")]
+    pub emulator: String,
+    /// Prompt suite: chat, code, agentic or copy.
+    #[arg(long, default_value = "chat")]
+    pub prompts: String,
+    /// Tokens per prompt.
+    #[arg(long, default_value_t = 48)]
     pub max_tokens: usize,
+    /// Drafter for the speculative modes (ngram, suffix, self:K, model:PATH_OR_NAME).
+    #[arg(long, default_value = "suffix")]
+    pub draft: String,
+    /// Draft depth γ.
+    #[arg(long, default_value_t = 8)]
+    pub draft_len: usize,
+    /// Tree node budget B of the tree mode.
+    #[arg(long, default_value_t = 24)]
+    pub tree_budget: usize,
+    /// Most rounds in flight in the pipelined mode.
+    #[arg(long, default_value_t = 4)]
+    pub depth: usize,
+    /// Comma-separated concurrent stream counts.
+    #[arg(long, default_value = "1,4,8")]
+    pub streams: String,
     #[arg(long)]
     pub json: bool,
 }

@@ -1,6 +1,7 @@
 //! The `specswarm` command: models, generation, benchmarks and the demo.
 
 mod bench;
+mod bench_swarm;
 mod cli;
 mod prompts;
 mod speculate;

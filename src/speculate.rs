@@ -30,6 +30,26 @@ pub fn drafter(spec: &str, target_path: &Path, target: &ModelSlice, threads: usi
     })
 }
 
+/// A drafter for a swarm client, which holds no copy of the target: only what the drafter itself
+/// needs is loaded (the first K layers for `self:K`, the draft model for `model:`).
+pub fn drafter_for_swarm(spec: &str, target_path: &Path) -> Result<Box<dyn Drafter>> {
+    let file = specswarm_engine::gguf::GgufFile::open(target_path)?;
+    let cfg = specswarm_engine::config::ModelConfig::from_gguf(&file)?;
+    Ok(match spec.split_once(':') {
+        Some(("self", k)) => {
+            let k: usize = k.parse().map_err(|_| anyhow::anyhow!("self:K needs a layer count, got {k:?}"))?;
+            Box::new(ModelDrafter::self_draft(target_path, k, cfg.n_layers, 1)?)
+        }
+        Some(("model", m)) => {
+            let path = crate::resolve_model(m)?;
+            Box::new(ModelDrafter::from_file(&path, cfg.vocab_size, 1)?)
+        }
+        None if spec == "ngram" => Box::new(NgramDrafter::new(4, 1)),
+        None if spec == "suffix" => Box::new(SuffixDrafter::new(16, 1 << 20)),
+        _ => bail!("unknown drafter {spec:?}: use ngram, suffix, self:K or model:PATH_OR_NAME"),
+    })
+}
+
 /// The policy from `--draft-len`, `--tree-budget`, `--branch` and `--adaptive`.
 pub fn policy(args: &GenerateArgs) -> Result<Policy> {
     let depth = args.draft_len.unwrap_or(5);

@@ -36,6 +36,9 @@ pub fn worker(args: &WorkerArgs) -> Result<()> {
         Some(s) => parse_layers(s, n_layers)?,
         None => 0..n_layers,
     };
+    if args.delay_ms > 0.0 {
+        specswarm_net::delay::set_send_delay(std::time::Duration::from_secs_f64(args.delay_ms / 1000.0));
+    }
     let t = Instant::now();
     let slice = ModelSlice::load_with_progress(
         &path,

@@ -3,7 +3,6 @@
 //! next, and the tail's logits come straight back to the client. One token costs
 //! (N + 1)·L + Σc instead of the client-driven 2·N·L + Σc.
 
-use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -15,7 +14,7 @@ use crate::stage::decode_hidden;
 use crate::tcp::read_frame;
 
 pub struct DirectRing {
-    writers: Vec<TcpStream>,
+    writers: Vec<crate::delay::Sender>,
     addrs: Vec<SocketAddr>,
     rx: mpsc::Receiver<(usize, Result<Frame, String>)>,
     spec: RingSpec,
@@ -55,7 +54,7 @@ impl DirectRing {
                     }
                 }
             })?;
-            writers.push(s);
+            writers.push(crate::delay::Sender::new(s));
         }
         Ok(DirectRing { writers, addrs: addrs.to_vec(), rx, spec, session, epoch: 0, seq: 0, committed: 0, timeout })
     }
@@ -68,7 +67,7 @@ impl DirectRing {
         self.seq = self.seq.wrapping_add(1);
         let frame = Frame { session: self.session, epoch: self.epoch, seq: self.seq, message };
         self.writers[stage]
-            .write_all(&frame.encode())
+            .send(frame.encode())
             .map_err(|e| RingError::Unreachable { stage, reason: e.to_string() })?;
         Ok(self.seq)
     }

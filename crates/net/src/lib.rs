@@ -9,9 +9,11 @@
 //!   answers the client directly.
 //! - [`swarm_spec`]: speculative decoding across a [`direct::DirectRing`]: the tail verifies and
 //!   returns token ids, rounds can be pipelined, failover replays the committed tokens.
+//! - [`delay`]: the in-process WAN emulator (a fixed one-way delay on every frame sent).
 //! - [`tcp`]: frames over plain TCP (`specswarm worker` and the demo).
 //! - `wan` (Linux): user-space WAN emulation between network namespaces through TUN devices.
 
+pub mod delay;
 pub mod direct;
 pub mod ring;
 pub mod stage;

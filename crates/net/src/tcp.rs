@@ -30,7 +30,7 @@ pub fn read_frame(s: &mut impl Read) -> std::io::Result<Result<Vec<u8>, specswar
     Ok(Ok(buf))
 }
 
-type Writer = Arc<Mutex<TcpStream>>;
+type Writer = Arc<crate::delay::Sender>;
 
 /// Where a session's outputs go.
 struct Route {
@@ -48,7 +48,7 @@ struct Node {
 }
 
 fn send(w: &Writer, frame: &Frame) -> bool {
-    w.lock().unwrap_or_else(|e| e.into_inner()).write_all(&frame.encode()).is_ok()
+    w.send(frame.encode()).is_ok()
 }
 
 fn error_frame(f: &Frame, code: ErrorCode, message: String) -> Frame {
@@ -65,7 +65,7 @@ impl Node {
         let s = TcpStream::connect_timeout(&sa, Duration::from_secs(5))?;
         s.set_nodelay(true)?;
         s.set_write_timeout(Some(Duration::from_secs(30)))?;
-        let w = Arc::new(Mutex::new(s));
+        let w = Arc::new(crate::delay::Sender::new(s));
         hops.insert(addr.to_string(), Arc::clone(&w));
         Ok(w)
     }
@@ -162,7 +162,7 @@ pub fn serve(listener: TcpListener, server: StageServer) -> std::io::Result<()> 
         std::thread::Builder::new().name("stage-conn".into()).spawn(move || {
             let _ = conn.set_nodelay(true);
             let Ok(write_half) = conn.try_clone() else { return };
-            let writer: Writer = Arc::new(Mutex::new(write_half));
+            let writer: Writer = Arc::new(crate::delay::Sender::new(write_half));
             let mut reader = conn;
             loop {
                 let bytes = match read_frame(&mut reader) {
