@@ -119,6 +119,23 @@ pub struct MessagesRequest {
     pub service_tier: Option<String>,
     #[serde(default)]
     pub thinking: Option<Value>,
+    // Newer SDK parameters with no meaning for a local model; accepted and ignored.
+    #[serde(default)]
+    pub cache_control: Option<Value>,
+    #[serde(default)]
+    pub container: Option<Value>,
+    #[serde(default)]
+    pub diagnostics: Option<Value>,
+    #[serde(default)]
+    pub inference_geo: Option<Value>,
+    #[serde(default)]
+    pub output_config: Option<Value>,
+    #[serde(default)]
+    pub speed: Option<Value>,
+    #[serde(default)]
+    pub user_profile_id: Option<Value>,
+    #[serde(default)]
+    pub workspace_id: Option<Value>,
 }
 
 fn text_of(c: ContentIn, param: &str) -> Result<String, ApiError> {

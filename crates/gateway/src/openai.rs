@@ -262,6 +262,32 @@ pub struct ChatRequest {
     pub service_tier: Option<String>,
     #[serde(default)]
     pub reasoning_effort: Option<String>,
+    // Accepted so that every SDK parameter parses; the ones that would change the answer are
+    // refused in `plan_chat`, the rest (caching, moderation, routing hints) do not apply here.
+    #[serde(default)]
+    pub audio: Option<Value>,
+    #[serde(default)]
+    pub modalities: Option<Vec<String>>,
+    #[serde(default)]
+    pub functions: Option<Value>,
+    #[serde(default)]
+    pub function_call: Option<Value>,
+    #[serde(default)]
+    pub prediction: Option<Value>,
+    #[serde(default)]
+    pub web_search_options: Option<Value>,
+    #[serde(default)]
+    pub moderation: Option<Value>,
+    #[serde(default)]
+    pub prompt_cache_key: Option<Value>,
+    #[serde(default)]
+    pub prompt_cache_options: Option<Value>,
+    #[serde(default)]
+    pub prompt_cache_retention: Option<Value>,
+    #[serde(default)]
+    pub safety_identifier: Option<Value>,
+    #[serde(default)]
+    pub verbosity: Option<Value>,
 }
 
 /// Sampling settings shared by the three APIs, validated.
@@ -366,6 +392,21 @@ fn plan_chat(r: ChatRequest) -> Result<ChatPlan, ApiError> {
         && f.get("type").and_then(Value::as_str).is_some_and(|t| t != "text")
     {
         return Err(ApiError::invalid("only response_format type \"text\" is supported", Some("response_format")));
+    }
+    let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+    for (name, v) in [("functions", &r.functions), ("function_call", &r.function_call), ("audio", &r.audio)] {
+        if set(v) {
+            return Err(ApiError::invalid(
+                format!("{name} is not supported (use tools for function calling)"),
+                Some(name),
+            ));
+        }
+    }
+    if set(&r.prediction) || set(&r.web_search_options) {
+        return Err(ApiError::invalid("prediction and web_search_options are not supported", None));
+    }
+    if r.modalities.as_ref().is_some_and(|m| m.iter().any(|m| m != "text")) {
+        return Err(ApiError::invalid("only the text modality is supported", Some("modalities")));
     }
     if r.messages.is_empty() || r.messages.len() > GATEWAY_MESSAGES_MAX {
         return Err(ApiError::invalid(

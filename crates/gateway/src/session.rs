@@ -150,11 +150,13 @@ pub fn start(
         };
         let st = state.clone();
         let run = tokio::task::spawn_blocking(move || {
-            let _guard = guard;
-            let _permit = permit;
             st.running.fetch_add(1, Ordering::SeqCst);
             let result = run_blocking(&st, &req, stops, &tx, t0);
             st.running.fetch_sub(1, Ordering::SeqCst);
+            // Free the slot and the session before the client can see the end, so that a client
+            // that got its answer never observes its own session as still active.
+            drop(permit);
+            drop(guard);
             // The receiver may be gone; nothing to do then.
             let _ = tx.blocking_send(Event::Done(result));
         });
