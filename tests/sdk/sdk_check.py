@@ -199,6 +199,7 @@ def anthropic_messages():
     assert "".join(pieces) == text, ("".join(pieces), text)
     assert len(pieces) > 3
     assert final.usage.output_tokens == m.usage.output_tokens and final.stop_reason == m.stop_reason, final
+    assert final.usage.input_tokens == m.usage.input_tokens, (final.usage, m.usage)
     # Stop sequences.
     stop = text.split()[len(text.split()) // 2]
     s = an.messages.create(stop_sequences=[stop], **kw)

@@ -347,11 +347,16 @@ async fn messages_inner(st: Arc<AppState>, r: MessagesRequest) -> Result<Respons
     if let Event::Done(Err(e)) = first {
         return Err(e);
     }
+    let input_tokens = match &first {
+        Event::Token { prompt_tokens, .. } => *prompt_tokens,
+        Event::Done(Ok(d)) => d.outcome.prompt_tokens,
+        Event::Done(Err(_)) => 0,
+    };
     let ev = |name: &str, data: Value| Ok::<_, Infallible>(SseEvent::default().event(name).data(data.to_string()));
     let start = ev(
         "message_start",
         json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant", "model": model,
-            "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 0, "output_tokens": 0}}}),
+            "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": input_tokens, "output_tokens": 0}}}),
     );
     struct S {
         rx: tokio::sync::mpsc::Receiver<Event>,

@@ -12,7 +12,8 @@
 //! - it renders [`Prompt::Chat`] with the model's chat template (see [`crate::prompt`]) and
 //!   tokenizes it, or tokenizes [`Prompt::Text`] as is;
 //! - it calls `on_token` once per generated token, in order, with the token's text (UTF-8 held
-//!   back until complete; special tokens give empty text) and, when asked, its log-probabilities;
+//!   back until complete; special tokens give empty text), the prompt's length in tokens and,
+//!   when asked, its log-probabilities;
 //! - it stops as soon as `on_token` returns `false` or `cancel` is set, frees the session's
 //!   resources and returns [`Finish::Cancelled`]; a stop token ends with [`Finish::Stop`]
 //!   (its text is not reported), `max_tokens` with [`Finish::Length`].
@@ -73,6 +74,8 @@ pub struct TokenLogprob {
 /// One generated token as the backend reports it.
 #[derive(Clone, Debug)]
 pub struct TokenPiece {
+    /// Length of the rendered prompt in tokens (the same in every piece of a generation).
+    pub prompt_tokens: usize,
     pub id: u32,
     pub text: String,
     pub logprob: Option<TokenLogprob>,

@@ -174,7 +174,7 @@ impl Backend for LocalBackend {
         let mut emit = |id: u32, logprob: Option<TokenLogprob>| -> bool {
             m.throughput.add(1);
             let text = decoder.push(id);
-            !cancel.is_cancelled() && on_token(TokenPiece { id, text, logprob })
+            !cancel.is_cancelled() && on_token(TokenPiece { prompt_tokens: prompt.len(), id, text, logprob })
         };
         let mut outcome = GenerateOutcome { prompt_tokens: prompt.len(), ..Default::default() };
         let finish = match (m.drafter, req.top_logprobs) {

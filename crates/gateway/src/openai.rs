@@ -637,7 +637,7 @@ fn chat_stream(
                 s.done = true;
                 out.push("[DONE]".into());
             }
-            Some(Event::Token { text, logprob }) => {
+            Some(Event::Token { text, logprob, .. }) => {
                 let lp = if s.logprobs {
                     logprob.as_ref().map(|l| json!({"content": [logprob_json(l)], "refusal": null}))
                 } else {
@@ -858,7 +858,7 @@ async fn completions_inner(st: Arc<AppState>, r: CompletionRequest) -> Result<Re
             let mut out = Vec::new();
             let mut fin = false;
             match ev {
-                Some(Event::Token { text, logprob }) => {
+                Some(Event::Token { text, logprob, .. }) => {
                     let lp = match (&logprob, top) {
                         (Some(l), Some(_)) => completion_logprobs(std::slice::from_ref(l), 0),
                         _ => Value::Null,

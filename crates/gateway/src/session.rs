@@ -18,7 +18,7 @@ use crate::error::ApiError;
 pub enum Event {
     /// Generated text (possibly empty: a special token, or text held back by a stop string)
     /// with the log-probability of the token that produced it.
-    Token { text: String, logprob: Option<TokenLogprob> },
+    Token { text: String, logprob: Option<TokenLogprob>, prompt_tokens: usize },
     /// The end: counts, and which stop string ended it, if one did.
     Done(Result<Done, ApiError>),
 }
@@ -179,14 +179,17 @@ fn run_blocking(
     let mut stop_hit = None;
     let mut first = true;
     let mut client_gone = false;
+    let mut prompt_tokens = 0;
     let mut on_token = |piece: crate::backend::TokenPiece| -> bool {
         if first {
             st.metrics.first_token_latency.observe(t0.elapsed());
             first = false;
         }
         st.metrics.throughput.add(1);
+        prompt_tokens = piece.prompt_tokens;
         let (text, hit) = matcher.push(&piece.text);
-        if tx.blocking_send(Event::Token { text, logprob: piece.logprob }).is_err() {
+        if tx.blocking_send(Event::Token { text, logprob: piece.logprob, prompt_tokens: piece.prompt_tokens }).is_err()
+        {
             client_gone = true;
             cancel.cancel();
             return false;
@@ -209,7 +212,7 @@ fn run_blocking(
     }
     let tail = matcher.finish();
     if stop_hit.is_none() && !tail.is_empty() {
-        let _ = tx.blocking_send(Event::Token { text: tail, logprob: None });
+        let _ = tx.blocking_send(Event::Token { text: tail, logprob: None, prompt_tokens });
     }
     let finish = if stop_hit.is_some() { Finish::Stop } else { outcome.finish.unwrap_or(Finish::Stop) };
     Ok(Done { outcome, finish, stop_sequence: stop_hit, elapsed_s: t0.elapsed().as_secs_f64() })
@@ -221,7 +224,7 @@ pub async fn collect(mut rx: mpsc::Receiver<Event>) -> Result<(String, Vec<Token
     let mut lps = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
-            Event::Token { text: t, logprob } => {
+            Event::Token { text: t, logprob, .. } => {
                 text.push_str(&t);
                 lps.extend(logprob);
             }

@@ -276,6 +276,11 @@ async fn anthropic_stream_events_in_order() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["content"][0]["text"].as_str().unwrap(), streamed);
     assert_eq!(v["stop_reason"], "max_tokens");
+    let input = v["usage"]["input_tokens"].as_u64().unwrap();
+    assert!(input > 10, "{v}");
+    let start = datas.iter().find(|d| d["type"] == "message_start").unwrap();
+    assert_eq!(start["message"]["usage"]["input_tokens"], input, "{start}");
+    assert_eq!(delta["usage"]["input_tokens"], input);
     wait_sessions_zero(&st).await;
 }
 
@@ -463,4 +468,56 @@ async fn speculative_backend_gives_the_same_text() {
     assert!(plain["specswarm"]["acceptance"].is_null());
     let acc = fast["specswarm"]["acceptance"].as_f64().unwrap();
     assert!(fast["specswarm"]["drafted_tokens"].as_u64().unwrap() > 0 && (0.0..=1.0).contains(&acc), "{fast}");
+}
+
+/// Several models behind one gateway: each request runs on the model it names, through that
+/// model's own chat template — the answer equals the engine's plain greedy generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_models_each_with_its_own_template() {
+    use specswarm_engine::chat::{ChatMessage, ChatTemplate};
+    use specswarm_engine::model::{LoadOptions, ModelSlice};
+    use specswarm_engine::sampling::{Sampler, SamplerConfig};
+    use specswarm_engine::tokenizer::Tokenizer;
+
+    let gemma = hub::ensure(hub::known("gemma3-270m").unwrap(), &mut |m| eprintln!("{m}")).unwrap();
+    let both = LocalBackend::new(vec![
+        LocalModel::load(MODEL, &model_path(), 2, None).unwrap(),
+        LocalModel::load("gemma3-270m", &gemma, 2, None).unwrap(),
+    ]);
+    let st = AppState::new(Arc::new(both), None, GatewayConfig::default());
+    let (_, v) = send_json(&st, Request::get("/v1/models").body(Body::empty()).unwrap()).await;
+    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [MODEL, "gemma3-270m"]);
+    let question = "What is the capital of France?";
+    for (id, path) in [(MODEL, model_path()), ("gemma3-270m", gemma.clone())] {
+        let body = json!({"model": id, "messages": [{"role": "user", "content": question}], "max_tokens": 16, "temperature": 0});
+        let (s, v) = send_json(&st, post("/v1/chat/completions", body.to_string())).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        // The reference: the engine alone, the way `specswarm generate --chat` runs it.
+        let expected = tokio::task::spawn_blocking(move || {
+            let tok = Tokenizer::from_gguf(&path).unwrap();
+            let arch = specswarm_engine::gguf::GgufFile::open(&path)
+                .unwrap()
+                .get_str("general.architecture")
+                .unwrap()
+                .to_string();
+            let tmpl =
+                ChatTemplate::from_gguf(&path).unwrap().unwrap_or_else(|| ChatTemplate::fallback_for(&arch).unwrap());
+            let text = tmpl.render(&[ChatMessage { role: "user".into(), content: question.into() }], true).unwrap();
+            let mut ids = tok.encode(&text, false, true).unwrap();
+            if let Some(bos) = tok.bos_id().filter(|&b| tok.add_bos() && ids.first() != Some(&b)) {
+                ids.insert(0, bos);
+            }
+            let model = ModelSlice::load(&path, &LoadOptions { threads: 2, ..Default::default() }).unwrap();
+            let mut sampler = Sampler::new(SamplerConfig::greedy()).unwrap();
+            let (out, _, _) =
+                specswarm_engine::generate::generate(&model, &ids, 16, &mut sampler, tok.stop_ids(), &mut |_| true)
+                    .unwrap();
+            (tok.decode(&out, true), ids.len())
+        })
+        .await
+        .unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], expected.0, "{id}");
+        assert_eq!(v["usage"]["prompt_tokens"], expected.1, "{id}");
+    }
 }
