@@ -49,7 +49,7 @@ async function step(name, fn) {
     assert(distinct.length >= 3, "the answer grew in at least 3 steps while streaming: " + JSON.stringify(lens));
     const stats = await page.textContent("#stats");
     console.log("   stats: " + stats);
-    assert(/tokens\/s/.test(stats) && /acceptance/.test(stats), "tokens/s and acceptance shown: " + stats);
+    assert(/[0-9.]+ tokens\/s/.test(stats) && /acceptance [0-9]+%/.test(stats), "tokens/s and acceptance shown: " + stats);
     // The page's answer is the API's greedy answer to the same request.
     const r = await fetch(BASE + "/v1/chat/completions", {
       method: "POST", headers: { "content-type": "application/json", authorization: "Bearer " + KEY },

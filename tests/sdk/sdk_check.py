@@ -236,6 +236,39 @@ def anthropic_tools():
         assert e.status_code == 401
 
 
+@check
+def hundred_concurrent_streams():
+    import asyncio
+    import urllib.request
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=BASE + "/v1", api_key=KEY, max_retries=0, timeout=300)
+
+        async def one(i):
+            pieces, usage = [], None
+            stream = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=4,
+                temperature=0, stream=True, stream_options={"include_usage": True},
+            )
+            async for chunk in stream:
+                if chunk.usage:
+                    usage = chunk.usage
+                pieces.extend(c.delta.content or "" for c in chunk.choices)
+            return "".join(pieces), usage
+
+        results = await asyncio.gather(*(one(i) for i in range(100)))
+        await client.close()
+        return results
+
+    results = asyncio.run(main())
+    assert len(results) == 100
+    assert all(u is not None and u.completion_tokens == 4 for _, u in results), results
+    assert all(t for t, _ in results), results
+    with urllib.request.urlopen(BASE + "/v1/swarm") as r:
+        state = json.load(r)
+    assert state["active_sessions"] == 0, state
+
+
 passed = failed = 0
 for fn in CHECKS:
     try:
