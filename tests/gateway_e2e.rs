@@ -136,7 +136,7 @@ fn official_sdks_against_a_real_gateway() {
             .arg(&g.key)
             .arg(MODEL),
         "the SDK checks",
-        "sdk: 11 passed, 0 failed",
+        "sdk: 12 passed, 0 failed",
     );
     println!("SDK checks took {:.1} s", t0.elapsed().as_secs_f64());
     assert_eq!(swarm_state(g.addr)["active_sessions"], 0);

@@ -150,6 +150,32 @@ def tools_round_trip():
 
 
 @check
+def tool_call_on_auto_from_the_models_own_text():
+    # tool_choice "auto": nothing is forced; the model itself writes the call (asked to repeat
+    # it), and the gateway must recognise it: held back while streaming, parsed into tool_calls.
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    msgs = [{"role": "user", "content": "Repeat exactly:\n" + call}]
+    r = oa.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], max_tokens=40, temperature=0)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None, c
+    assert c.message.tool_calls[0].function.name == "get_weather", c
+    assert json.loads(c.message.tool_calls[0].function.arguments) == {"city": "Paris"}, c
+    content, calls = [], []
+    for chunk in oa.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], max_tokens=40, temperature=0, stream=True):
+        for ch in chunk.choices:
+            content.append(ch.delta.content or "")
+            calls.extend(ch.delta.tool_calls or [])
+    assert "".join(content) == "", content  # the call's text never leaks as content
+    assert len(calls) == 1 and json.loads(calls[0].function.arguments) == {"city": "Paris"}, calls
+    # tool_choice "none": the same prompt (tools still rendered), but nothing is parsed, so the
+    # model's text comes back as plain content.
+    plain = oa.chat.completions.create(
+        model=MODEL, messages=msgs, tools=[WEATHER], tool_choice="none", max_tokens=40, temperature=0
+    ).choices[0]
+    assert plain.message.tool_calls is None and plain.message.content.startswith(call), plain
+
+
+@check
 def completions_endpoint():
     kw = dict(model=MODEL, prompt="def fibonacci(n):", max_tokens=16, temperature=0)
     r = oa.completions.create(**kw)
