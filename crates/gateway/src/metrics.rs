@@ -105,6 +105,7 @@ pub struct Metrics {
     pub rejected_overload: AtomicU64,
     pub request_latency: Histogram,
     pub first_token_latency: Histogram,
+    pub generation_latency: Histogram,
     pub throughput: Throughput,
 }
 
@@ -120,6 +121,7 @@ impl Default for Metrics {
             rejected_overload: AtomicU64::new(0),
             request_latency: Histogram::new(LATENCY_BOUNDS_S),
             first_token_latency: Histogram::new(LATENCY_BOUNDS_S),
+            generation_latency: Histogram::new(LATENCY_BOUNDS_S),
             throughput: Throughput::default(),
         }
     }
@@ -187,9 +189,18 @@ impl Metrics {
         self.request_latency.write(
             &mut out,
             "specswarm_request_duration_seconds",
-            "Request latency (to the last byte).",
+            "Time to the response head (streams start after their first token).",
         );
-        self.first_token_latency.write(&mut out, "specswarm_first_token_seconds", "Time to the first generated token.");
+        self.first_token_latency.write(
+            &mut out,
+            "specswarm_first_token_seconds",
+            "Admission to the first generated token.",
+        );
+        self.generation_latency.write(
+            &mut out,
+            "specswarm_generation_duration_seconds",
+            "Admission to the end of a generation, queueing included.",
+        );
         out
     }
 }

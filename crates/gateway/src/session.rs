@@ -207,6 +207,7 @@ fn run_blocking(
     m.completion_tokens.fetch_add(outcome.completion_tokens as u64, Ordering::Relaxed);
     m.drafted_tokens.fetch_add(outcome.drafted_tokens as u64, Ordering::Relaxed);
     m.accepted_tokens.fetch_add(outcome.accepted_tokens as u64, Ordering::Relaxed);
+    m.generation_latency.observe(t0.elapsed());
     if client_gone {
         m.cancelled.fetch_add(1, Ordering::Relaxed);
     }

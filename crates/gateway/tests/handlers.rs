@@ -439,6 +439,7 @@ async fn dashboard_state_and_metrics() {
         "specswarm_completion_tokens_total 5",
         "specswarm_request_duration_seconds_count",
         "specswarm_first_token_seconds_bucket{le=\"+Inf\"} 1",
+        "specswarm_generation_duration_seconds_count 1",
         "specswarm_model_available{model=\"smollm2-135m\"} 1",
         "specswarm_workers_healthy 1",
     ] {
