@@ -32,7 +32,9 @@ if [ ${#apt_pkgs[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${apt_pkgs[@]}" >/dev/null
 fi
 if [ ! -f target/node/node_modules/playwright-core/package.json ]; then
-  npm install --prefix target/node --no-audit --no-fund --silent playwright-core@1.65.1
+  # playwright-core 1.65 needs node >= 20; Debian 12's own nodejs is 18.
+  pw=1.65.1; [ "$(node -p 'process.versions.node.split(".")[0]')" -ge 20 ] || pw=1.49.1
+  npm install --prefix target/node --no-audit --no-fund --silent "playwright-core@$pw"
 fi
 if ! target/pyenv/bin/python -c "import openai, anthropic" 2>/dev/null; then
   rm -rf target/pyenv

@@ -136,7 +136,7 @@ pub fn start(
         )));
     }
     let guard = SessionGuard(state.clone());
-    let (tx, rx) = mpsc::channel(64);
+    let (tx, rx) = mpsc::channel(specswarm_proto::limits::GATEWAY_STREAM_EVENTS_BUFFERED_MAX);
     let state = state.clone();
     tokio::spawn(async move {
         let t0 = Instant::now();

@@ -62,3 +62,6 @@ pub const GATEWAY_KEY_RATE_PER_MINUTE_MAX: u32 = 1_000_000;
 pub const GATEWAY_KEY_NAME_BYTES_MAX: usize = 128;
 /// Window of the "recent tokens/s" figure, in seconds.
 pub const GATEWAY_THROUGHPUT_WINDOW_S: u64 = 10;
+/// Events buffered between a running generation and its HTTP response; a slow client holds the
+/// generation back (backpressure) instead of growing a queue.
+pub const GATEWAY_STREAM_EVENTS_BUFFERED_MAX: usize = 64;
