@@ -35,6 +35,14 @@ pub enum Command {
     },
     /// Serve a slice of a model's layers to the swarm.
     Worker(WorkerArgs),
+    /// Serve models over OpenAI- and Anthropic-compatible HTTP APIs, with a web chat at `/` and
+    /// a swarm dashboard at `/swarm`.
+    Gateway(GatewayArgs),
+    /// Manage the gateway's API keys (stored hashed in `$SPECSWARM_HOME/gateway.sqlite3`).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// WAN emulation between network namespaces (needs root).
     Wan {
         #[command(subcommand)]
@@ -65,6 +73,76 @@ pub struct WorkerArgs {
     /// In-process WAN emulation: delay every frame this worker sends by this many milliseconds.
     #[arg(long, default_value_t = 0.0)]
     pub delay_ms: f64,
+}
+
+#[derive(Args, Debug)]
+pub struct GatewayArgs {
+    /// Address to listen on (port 0 picks a free one; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Models to serve: known names (pulled on first use) or GGUF paths; repeat for several.
+    /// Default: smollm2-135m.
+    #[arg(long)]
+    pub model: Vec<String>,
+    /// Serve models from a swarm of workers instead (not built yet: the swarm backend plugs into
+    /// the same `Backend` trait).
+    #[arg(long)]
+    pub swarm: Option<String>,
+    /// Compute threads per model (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Generations computed at once; the others wait in the queue.
+    #[arg(long, default_value_t = 2)]
+    pub parallel: usize,
+    /// Generations held at once (running or queued); beyond this requests get 503.
+    #[arg(long, default_value_t = specswarm_proto::limits::GATEWAY_SESSIONS_MAX)]
+    pub sessions_max: usize,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, default_value_t = specswarm_proto::limits::GATEWAY_REQUEST_BODY_BYTES_MAX)]
+    pub body_bytes_max: usize,
+    /// Speculative decoding with a model-free drafter: ngram or suffix (lossless).
+    #[arg(long)]
+    pub draft: Option<String>,
+    /// Draft length per round.
+    #[arg(long, default_value_t = 5)]
+    pub draft_len: usize,
+    /// Accept requests without an API key (local demo only).
+    #[arg(long)]
+    pub no_auth: bool,
+    /// The API key database (default: $SPECSWARM_HOME/gateway.sqlite3).
+    #[arg(long)]
+    pub keys_db: Option<std::path::PathBuf>,
+    /// Tokio worker threads for HTTP (generation runs on its own blocking threads).
+    #[arg(long, default_value_t = 2)]
+    pub http_threads: usize,
+    /// Exit when standard input closes (tests use this so the gateway never outlives them).
+    #[arg(long)]
+    pub exit_on_stdin_eof: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Create a key and print it (it is shown only this once; only its sha256 is stored).
+    Create {
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Requests per minute (token bucket).
+        #[arg(long, default_value_t = specswarm_proto::limits::GATEWAY_KEY_RATE_PER_MINUTE_DEFAULT)]
+        rate_per_minute: u32,
+        #[arg(long)]
+        db: Option<std::path::PathBuf>,
+    },
+    /// List keys (prefix, name, rate; never the key).
+    List {
+        #[arg(long)]
+        db: Option<std::path::PathBuf>,
+    },
+    /// Revoke a key by id.
+    Revoke {
+        id: i64,
+        #[arg(long)]
+        db: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_swarm;
 mod cli;
+mod gateway;
 mod prompts;
 mod speculate;
 mod swarm;
@@ -66,6 +67,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo { max_tokens, workers } => swarm::demo(max_tokens, workers),
         Command::Worker(args) => swarm::worker(&args),
         Command::Wan { command } => swarm::wan(&command),
+        Command::Gateway(args) => gateway::run(&args),
+        Command::Keys { command } => gateway::keys(command),
     }
 }
 

@@ -1,0 +1,290 @@
+//! The local backend: whole models in this process (engine [`ModelSlice`]), optionally with a
+//! model-free speculative drafter (`specswarm_spec::decode`). Greedy output is the same with and
+//! without the drafter (speculation is lossless); log-probabilities need the plain path, which is
+//! used whenever they are asked for.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use specswarm_engine::generate::FinishReason;
+use specswarm_engine::model::{Batch, LoadOptions, ModelSlice, StepInput, Want};
+use specswarm_engine::sampling::Sampler;
+use specswarm_engine::tokenizer::{StreamDecoder, Tokenizer};
+use specswarm_spec::drafter::DraftBudget;
+use specswarm_spec::drafter::Drafter;
+use specswarm_spec::drafter::ngram::NgramDrafter;
+use specswarm_spec::drafter::suffix::SuffixDrafter;
+use specswarm_spec::policy::{Policy, PolicyMode};
+
+use crate::backend::{
+    Backend, BackendError, CancelToken, Finish, GenerateOutcome, GenerateRequest, ModelInfo, SwarmStatus, TokenLogprob,
+    TokenPiece, WorkerStatus,
+};
+use crate::metrics::Throughput;
+use crate::prompt::PromptFormat;
+
+/// A model-free drafter, built fresh for each request (they cost nothing to create).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DraftKind {
+    /// Prompt lookup over the session (`ngram`).
+    Ngram,
+    /// Suffix matching over the session (`suffix`).
+    Suffix,
+}
+
+impl DraftKind {
+    pub fn parse(s: &str) -> Result<DraftKind, String> {
+        match s {
+            "ngram" => Ok(DraftKind::Ngram),
+            "suffix" => Ok(DraftKind::Suffix),
+            _ => Err(format!("the gateway supports the model-free drafters ngram and suffix, not {s:?}")),
+        }
+    }
+
+    fn build(self) -> Box<dyn Drafter> {
+        match self {
+            DraftKind::Ngram => Box::new(NgramDrafter::new(4, 1)),
+            DraftKind::Suffix => Box::new(SuffixDrafter::new(16, 1 << 16)),
+        }
+    }
+}
+
+/// One served model.
+pub struct LocalModel {
+    pub id: String,
+    pub path: PathBuf,
+    slice: ModelSlice,
+    format: PromptFormat,
+    drafter: Option<(DraftKind, usize)>,
+    active: AtomicUsize,
+    throughput: Throughput,
+}
+
+impl LocalModel {
+    /// Load `path` as model `id` with `threads` compute threads (0: one per core) and an optional
+    /// drafter with draft length `draft_len`.
+    pub fn load(
+        id: &str,
+        path: &Path,
+        threads: usize,
+        drafter: Option<(DraftKind, usize)>,
+    ) -> Result<LocalModel, String> {
+        let slice = ModelSlice::load(path, &LoadOptions { layers: None, threads, ..Default::default() })
+            .map_err(|e| format!("loading {}: {e}", path.display()))?;
+        let format = PromptFormat::from_gguf(path)?;
+        Ok(LocalModel {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+            slice,
+            format,
+            drafter,
+            active: AtomicUsize::new(0),
+            throughput: Throughput::default(),
+        })
+    }
+
+    pub fn format(&self) -> &PromptFormat {
+        &self.format
+    }
+}
+
+/// Whole models in this process.
+pub struct LocalBackend {
+    models: Vec<Arc<LocalModel>>,
+}
+
+impl LocalBackend {
+    pub fn new(models: Vec<LocalModel>) -> LocalBackend {
+        LocalBackend { models: models.into_iter().map(Arc::new).collect() }
+    }
+
+    pub fn model(&self, id: &str) -> Option<&Arc<LocalModel>> {
+        self.models.iter().find(|m| m.id == id)
+    }
+}
+
+struct ActiveGuard<'a>(&'a AtomicUsize);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Backend for LocalBackend {
+    fn models(&self) -> Vec<ModelInfo> {
+        self.models
+            .iter()
+            .map(|m| ModelInfo {
+                id: m.id.clone(),
+                available: true,
+                n_layers: m.slice.config().n_layers,
+                context_len: m.slice.config().context_len,
+                owned_by: "specswarm-local".into(),
+            })
+            .collect()
+    }
+
+    fn swarm_status(&self) -> SwarmStatus {
+        SwarmStatus {
+            backend: "local".into(),
+            workers: self
+                .models
+                .iter()
+                .map(|m| WorkerStatus {
+                    id: format!("local/{}", m.id),
+                    address: "in-process".into(),
+                    model: m.id.clone(),
+                    layers: [0, m.slice.config().n_layers],
+                    healthy: true,
+                    rtt_ms: Some(0.0),
+                    tokens_per_s: m.throughput.recent_per_s(),
+                    active_sessions: m.active.load(Ordering::Relaxed),
+                })
+                .collect(),
+        }
+    }
+
+    fn generate(
+        &self,
+        req: &GenerateRequest,
+        cancel: &CancelToken,
+        on_token: &mut dyn FnMut(TokenPiece) -> bool,
+    ) -> Result<GenerateOutcome, BackendError> {
+        let m = self.model(&req.model).ok_or_else(|| BackendError::UnknownModel(req.model.clone()))?;
+        m.active.fetch_add(1, Ordering::Relaxed);
+        let _active = ActiveGuard(&m.active);
+        let prompt = m.format.encode(&req.prompt)?;
+        if prompt.is_empty() {
+            return Err(BackendError::Invalid("the prompt is empty".into()));
+        }
+        let context = m.slice.config().context_len;
+        if prompt.len() + req.max_tokens > context {
+            return Err(BackendError::ContextExceeded {
+                prompt_tokens: prompt.len(),
+                max_tokens: req.max_tokens,
+                context,
+            });
+        }
+        let mut sampler = Sampler::new(req.sampling.clone()).map_err(|e| BackendError::Invalid(e.to_string()))?;
+        let tok = &m.format.tokenizer;
+        let mut decoder = StreamDecoder::new(tok, true);
+        let mut emit = |id: u32, logprob: Option<TokenLogprob>| -> bool {
+            m.throughput.add(1);
+            let text = decoder.push(id);
+            !cancel.is_cancelled() && on_token(TokenPiece { prompt_tokens: prompt.len(), id, text, logprob })
+        };
+        let mut outcome = GenerateOutcome { prompt_tokens: prompt.len(), ..Default::default() };
+        let finish = match (m.drafter, req.top_logprobs) {
+            (Some((kind, draft_len)), None) => {
+                let mut drafter = kind.build();
+                let mut policy = Policy::new(PolicyMode::Fixed(DraftBudget::chain(draft_len)));
+                let (ids, finish, s) = specswarm_spec::decode::generate_speculative(
+                    &m.slice,
+                    drafter.as_mut(),
+                    &mut policy,
+                    &prompt,
+                    req.max_tokens,
+                    &mut sampler,
+                    tok.stop_ids(),
+                    &mut |id| emit(id, None),
+                )
+                .map_err(|e| BackendError::Internal(e.to_string()))?;
+                outcome.completion_tokens = ids.len();
+                outcome.drafted_tokens = s.drafted_nodes;
+                outcome.accepted_tokens = s.accepted_tokens;
+                outcome.prefill_s = s.prefill.as_secs_f64();
+                outcome.decode_s = s.decode.as_secs_f64();
+                finish
+            }
+            _ => decode_plain(&m.slice, tok, &prompt, req, &mut sampler, &mut emit, &mut outcome)?,
+        };
+        outcome.finish = Some(match finish {
+            FinishReason::Stop => Finish::Stop,
+            FinishReason::Length => Finish::Length,
+            FinishReason::Cancelled => Finish::Cancelled,
+        });
+        Ok(outcome)
+    }
+}
+
+/// Plain decoding (the engine's `generate` loop) that can also report log-probabilities.
+fn decode_plain(
+    model: &ModelSlice,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    req: &GenerateRequest,
+    sampler: &mut Sampler,
+    emit: &mut dyn FnMut(u32, Option<TokenLogprob>) -> bool,
+    outcome: &mut GenerateOutcome,
+) -> Result<FinishReason, BackendError> {
+    let engine = |e: specswarm_engine::EngineError| BackendError::Internal(e.to_string());
+    if req.max_tokens == 0 {
+        return Ok(FinishReason::Length);
+    }
+    let mut kv = model.new_cache(prompt.len() + req.max_tokens);
+    let mut history = prompt.to_vec();
+    let t0 = Instant::now();
+    let positions: Vec<u32> = (0..prompt.len() as u32).collect();
+    let batch = Batch { input: StepInput::Tokens(prompt), positions: &positions, tree_parents: None };
+    let mut logits = model.forward(&mut kv, &batch, Want::LastLogits).map_err(engine)?.into_data();
+    outcome.prefill_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let mut generated = 0;
+    let finish = loop {
+        let id = sampler.sample(&logits, &history);
+        generated += 1;
+        history.push(id);
+        if tok.stop_ids().contains(&id) {
+            break FinishReason::Stop;
+        }
+        let lp = req.top_logprobs.map(|n| logprobs(tok, &logits, id, n));
+        if !emit(id, lp) {
+            break FinishReason::Cancelled;
+        }
+        if generated == req.max_tokens {
+            break FinishReason::Length;
+        }
+        let pos = [kv.len() as u32];
+        let batch = Batch { input: StepInput::Tokens(&[id]), positions: &pos, tree_parents: None };
+        logits = model.forward(&mut kv, &batch, Want::LastLogits).map_err(engine)?.into_data();
+    };
+    outcome.decode_s = t1.elapsed().as_secs_f64();
+    outcome.completion_tokens = generated;
+    Ok(finish)
+}
+
+/// Natural-log probabilities of `id` and of the `n` most likely tokens under softmax(`logits`).
+pub fn logprobs(tok: &Tokenizer, logits: &[f32], id: u32, n: usize) -> TokenLogprob {
+    let max = logits.iter().copied().filter(|l| l.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().filter(|l| l.is_finite()).map(|&l| f64::from(l - max).exp()).sum();
+    let lse = f64::from(max) + sum.ln();
+    let lp = |i: u32| (f64::from(logits[i as usize]) - lse) as f32;
+    let piece = |i: u32| {
+        let b = tok.token_bytes(i).to_vec();
+        (String::from_utf8_lossy(&b).into_owned(), b)
+    };
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let n = n.min(idx.len());
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    if n > 0 && n < idx.len() {
+        idx.select_nth_unstable_by(n - 1, by_logit);
+    }
+    idx.truncate(n);
+    idx.sort_by(by_logit);
+    let (token, bytes) = piece(id);
+    TokenLogprob {
+        token,
+        logprob: lp(id),
+        bytes,
+        top: idx
+            .into_iter()
+            .map(|i| {
+                let (t, b) = piece(i);
+                (t, lp(i), b)
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,121 @@
+//! `specswarm gateway` and `specswarm keys`.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use specswarm_gateway::auth::KeyStore;
+use specswarm_gateway::local::{DraftKind, LocalBackend, LocalModel};
+use specswarm_gateway::{AppState, GatewayConfig};
+
+use crate::cli::{GatewayArgs, KeysCommand};
+
+/// The id a `--model` value is served under: the known name, or the file stem of a path.
+fn model_id(spec: &str) -> String {
+    if specswarm_engine::hub::known(spec).is_some() {
+        return spec.to_string();
+    }
+    std::path::Path::new(spec).file_stem().map_or_else(|| spec.to_string(), |s| s.to_string_lossy().into_owned())
+}
+
+pub fn run(args: &GatewayArgs) -> Result<()> {
+    if args.swarm.is_some() {
+        bail!("the swarm backend is not built yet; serve local models with --model");
+    }
+    let specs = if args.model.is_empty() { vec!["smollm2-135m".to_string()] } else { args.model.clone() };
+    let draft = args.draft.as_deref().map(DraftKind::parse).transpose().map_err(anyhow::Error::msg)?;
+    let mut models = Vec::new();
+    for spec in &specs {
+        let path = crate::resolve_model(spec)?;
+        let id = model_id(spec);
+        if models.iter().any(|m: &LocalModel| m.id == id) {
+            bail!("model {id:?} given twice");
+        }
+        let m = LocalModel::load(&id, &path, args.threads, draft.map(|d| (d, args.draft_len.max(1))))
+            .map_err(anyhow::Error::msg)?;
+        eprintln!("gateway: serving {id} from {}", path.display());
+        models.push(m);
+    }
+    let keys = if args.no_auth {
+        eprintln!("gateway: --no-auth: requests need no API key");
+        None
+    } else {
+        let path = args.keys_db.clone().unwrap_or_else(KeyStore::default_path);
+        Some(KeyStore::open(&path).with_context(|| format!("opening {}", path.display()))?)
+    };
+    let config = GatewayConfig {
+        parallel: args.parallel.max(1),
+        sessions_max: args.sessions_max.max(1),
+        body_bytes_max: args.body_bytes_max,
+    };
+    let state = AppState::new(Arc::new(LocalBackend::new(models)), keys, config);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.http_threads.max(1))
+        .max_blocking_threads(args.parallel.max(1) + 8)
+        .enable_all()
+        .build()?;
+    let exit_on_eof = args.exit_on_stdin_eof;
+    rt.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        println!("gateway listening on http://{addr}");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        if exit_on_eof {
+            std::thread::spawn(move || {
+                let mut sink = Vec::new();
+                let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+                let _ = stop_tx.send(());
+            });
+        } else {
+            std::mem::forget(stop_tx);
+        }
+        let shutdown = async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = stop_rx => {}
+            }
+        };
+        specswarm_gateway::serve(listener, state, shutdown).await?;
+        anyhow::Ok(())
+    })?;
+    // Open streams may still hold blocking generation threads; do not wait for them.
+    rt.shutdown_background();
+    Ok(())
+}
+
+pub fn keys(cmd: KeysCommand) -> Result<()> {
+    let open = |db: Option<std::path::PathBuf>| -> Result<KeyStore> {
+        let path = db.unwrap_or_else(KeyStore::default_path);
+        KeyStore::open(&path).with_context(|| format!("opening {}", path.display()))
+    };
+    match cmd {
+        KeysCommand::Create { name, rate_per_minute, db } => {
+            let store = open(db)?;
+            let (key, rec) = store.create(&name, rate_per_minute)?;
+            eprintln!(
+                "created key {} ({:?}, {} requests/minute); it is shown only once:",
+                rec.id, rec.name, rec.rate_per_minute
+            );
+            println!("{key}");
+        }
+        KeysCommand::List { db } => {
+            for r in open(db)?.list()? {
+                println!(
+                    "{:>4}  {}…  {:<20} {:>8}/min  {}",
+                    r.id,
+                    r.prefix,
+                    r.name,
+                    r.rate_per_minute,
+                    if r.revoked { "revoked" } else { "active" }
+                );
+            }
+        }
+        KeysCommand::Revoke { id, db } => {
+            if !open(db)?.revoke(id)? {
+                bail!("no key with id {id}");
+            }
+            eprintln!("revoked key {id}");
+        }
+    }
+    Ok(())
+}
