@@ -135,7 +135,34 @@ struct Round {
     assumed: Option<u32>,
 }
 
-/// Everything needed to (re)build the ring.
+/// A ring the speculative client drives, over any transport: frames go to the head, replies
+/// come back from any stage (the tail's verdicts, errors). Implemented over TCP by
+/// [`TcpSpecRing`] and over libp2p streams by the p2p crate.
+pub trait SpecRing {
+    /// (Re)connect every stage and open a fresh speculative session on all of them.
+    fn open_session(&mut self, kv_tokens: u32, verify: VerifySpec) -> Result<(), RingError>;
+    /// Send a round (or a plain causal batch carrying its tokens) to the head; its seq.
+    fn send_round(
+        &mut self,
+        positions: &[u32],
+        tree_parents: Option<&[i32]>,
+        spec: SpecRound,
+    ) -> Result<u32, RingError>;
+    /// The next frame of this session from any stage, waiting until `deadline`.
+    fn next_frame(&mut self, deadline: Instant) -> Result<(usize, specswarm_proto::wire::Frame), RingError>;
+    fn epoch(&self) -> u32;
+    fn bump_epoch(&mut self);
+    fn stages(&self) -> usize;
+    /// How long one reply may take.
+    fn timeout(&self) -> Duration;
+    /// Close the session everywhere (best effort).
+    fn close_session(&mut self);
+    /// After `cause`: replace the stage(s) that failed so that [`SpecRing::open_session`] can
+    /// rebuild the ring; an error when no replacement exists.
+    fn repair(&mut self, cause: &RingError) -> Result<(), SwarmSpecError>;
+}
+
+/// Everything needed to (re)build a TCP ring.
 pub struct RingPlan {
     pub addrs: Vec<SocketAddr>,
     pub spec: RingSpec,
@@ -143,9 +170,97 @@ pub struct RingPlan {
     pub timeout: Duration,
 }
 
-/// Generate up to `max_tokens` tokens after `prompt` through the ring described by `plan`,
-/// speculatively. `spares(stage, cause)` names a replacement worker for a stage that failed
-/// (`None`: give up).
+/// [`SpecRing`] over TCP workers at known addresses, with spares handed out by a callback.
+pub struct TcpSpecRing<'a> {
+    pub plan: &'a mut RingPlan,
+    pub spares: &'a mut dyn FnMut(usize) -> Option<SocketAddr>,
+    ring: Option<DirectRing>,
+}
+
+impl<'a> TcpSpecRing<'a> {
+    pub fn new(plan: &'a mut RingPlan, spares: &'a mut dyn FnMut(usize) -> Option<SocketAddr>) -> TcpSpecRing<'a> {
+        TcpSpecRing { plan, spares, ring: None }
+    }
+
+    fn ring(&mut self) -> Result<&mut DirectRing, RingError> {
+        self.ring.as_mut().ok_or(RingError::Unreachable { stage: 0, reason: "the ring is not open".into() })
+    }
+}
+
+impl SpecRing for TcpSpecRing<'_> {
+    fn open_session(&mut self, kv_tokens: u32, verify: VerifySpec) -> Result<(), RingError> {
+        self.ring = None;
+        let p = &self.plan;
+        let mut ring = DirectRing::connect(&p.addrs, p.spec.clone(), p.session, p.timeout)
+            .map_err(|e| RingError::Unreachable { stage: 0, reason: e.to_string() })?;
+        ring.open_speculative(kv_tokens, verify)?;
+        self.ring = Some(ring);
+        Ok(())
+    }
+
+    fn send_round(
+        &mut self,
+        positions: &[u32],
+        tree_parents: Option<&[i32]>,
+        spec: SpecRound,
+    ) -> Result<u32, RingError> {
+        self.ring()?.send_round(positions, tree_parents, spec)
+    }
+
+    fn next_frame(&mut self, deadline: Instant) -> Result<(usize, specswarm_proto::wire::Frame), RingError> {
+        self.ring()?.next_frame(deadline)
+    }
+
+    fn epoch(&self) -> u32 {
+        self.ring.as_ref().map_or(0, DirectRing::epoch)
+    }
+
+    fn bump_epoch(&mut self) {
+        if let Some(r) = self.ring.as_mut() {
+            r.bump_epoch();
+        }
+    }
+
+    fn stages(&self) -> usize {
+        self.plan.addrs.len()
+    }
+
+    fn timeout(&self) -> Duration {
+        self.plan.timeout
+    }
+
+    fn close_session(&mut self) {
+        if let Some(mut r) = self.ring.take() {
+            let _ = r.close();
+        }
+    }
+
+    fn repair(&mut self, cause: &RingError) -> Result<(), SwarmSpecError> {
+        self.ring = None;
+        // The stage that does not accept connections any more; if all do (a stall), the one the
+        // error names.
+        let dead = self
+            .plan
+            .addrs
+            .iter()
+            .position(|a| TcpStream::connect_timeout(a, Duration::from_millis(500)).is_err())
+            .unwrap_or(match cause {
+                RingError::Unreachable { stage, .. }
+                | RingError::Refused { stage, .. }
+                | RingError::Unexpected { stage }
+                | RingError::Wire { stage, .. } => *stage,
+            });
+        let Some(addr) = (self.spares)(dead) else {
+            return Err(SwarmSpecError::NoReplacement { stage: dead, cause: cause.clone() });
+        };
+        self.plan.addrs[dead] = addr;
+        self.plan.session = self.plan.session.wrapping_add(0x9E37_79B9);
+        Ok(())
+    }
+}
+
+/// [`generate_on_ring`] over TCP workers at `plan.addrs`. `spares(stage)` names a replacement
+/// worker for a stage that failed (`None`: give up).
 pub fn generate_swarm_speculative(
     plan: &mut RingPlan,
     drafter: &mut dyn Drafter,
@@ -156,6 +271,23 @@ pub fn generate_swarm_speculative(
     sampler: &SamplerConfig,
     stop_ids: &[u32],
     spares: &mut dyn FnMut(usize) -> Option<SocketAddr>,
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<(Vec<u32>, FinishReason, SwarmSpecStats), SwarmSpecError> {
+    let mut ring = TcpSpecRing::new(plan, spares);
+    generate_on_ring(&mut ring, drafter, policy, settings, prompt, max_tokens, sampler, stop_ids, on_token)
+}
+
+/// Generate up to `max_tokens` tokens after `prompt` through `ring`, speculatively (see the
+/// module docs), repairing the ring and replaying the committed tokens after a failure.
+pub fn generate_on_ring(
+    ring: &mut dyn SpecRing,
+    drafter: &mut dyn Drafter,
+    policy: &mut Policy,
+    settings: &SwarmSpecSettings,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampler: &SamplerConfig,
+    stop_ids: &[u32],
     on_token: &mut dyn FnMut(u32) -> bool,
 ) -> Result<(Vec<u32>, FinishReason, SwarmSpecStats), SwarmSpecError> {
     if prompt.is_empty() {
@@ -180,20 +312,27 @@ pub fn generate_swarm_speculative(
     }
     let t0 = Instant::now();
     loop {
-        let mut ring = match connect_and_replay(plan, kv_tokens, &verify, &state.seq) {
-            Ok(r) => r,
-            Err(e) => {
-                failover(plan, &e, &mut stats, settings, spares)?;
-                continue;
-            }
-        };
-        match run_rounds(&mut ring, drafter, policy, settings, max_tokens, stop_ids, &mut state, &mut stats, on_token) {
+        let result =
+            open_and_replay(ring, kv_tokens, &verify, &state.seq).map_err(SwarmSpecError::Ring).and_then(|()| {
+                run_rounds(ring, drafter, policy, settings, max_tokens, stop_ids, &mut state, &mut stats, on_token)
+            });
+        match result {
             Ok(()) => {
-                let _ = close(&mut ring);
+                ring.close_session();
                 break;
             }
-            Err(SwarmSpecError::Ring(e)) => failover(plan, &e, &mut stats, settings, spares)?,
-            Err(e) => return Err(e),
+            Err(SwarmSpecError::Ring(e)) => {
+                if stats.failovers >= settings.failovers_max {
+                    ring.close_session();
+                    return Err(SwarmSpecError::Ring(e));
+                }
+                stats.failovers += 1;
+                ring.repair(&e)?;
+            }
+            Err(e) => {
+                ring.close_session();
+                return Err(e);
+            }
         }
     }
     stats.decode = t0.elapsed();
@@ -240,59 +379,21 @@ fn verify_spec(s: &SamplerConfig) -> VerifySpec {
     }
 }
 
-/// Connect, open the session everywhere, and send the committed tokens but the last (the next
-/// root) as a plain causal batch that carries its tokens to the tail.
-fn connect_and_replay(
-    plan: &RingPlan,
+/// Open the session everywhere and send the committed tokens but the last (the next root) as
+/// plain causal batches that carry their tokens to the tail.
+fn open_and_replay(
+    ring: &mut dyn SpecRing,
     kv_tokens: usize,
     verify: &VerifySpec,
     seq: &[u32],
-) -> Result<DirectRing, RingError> {
-    let unreachable = |e: std::io::Error| RingError::Unreachable { stage: 0, reason: e.to_string() };
-    let mut ring =
-        DirectRing::connect(&plan.addrs, plan.spec.clone(), plan.session, plan.timeout).map_err(unreachable)?;
-    ring.open_speculative(kv_tokens as u32, verify.clone())?;
+) -> Result<(), RingError> {
+    ring.open_session(kv_tokens as u32, verify.clone())?;
     let body = &seq[..seq.len() - 1];
     for (i, chunk) in body.chunks(specswarm_proto::limits::FORWARD_BATCH_TOKENS_MAX).enumerate() {
         let start = i * specswarm_proto::limits::FORWARD_BATCH_TOKENS_MAX;
         let positions: Vec<u32> = (start as u32..(start + chunk.len()) as u32).collect();
         ring.send_round(&positions, None, SpecRound { tokens: chunk.to_vec(), commit: Commit::Keep, verify: false })?;
     }
-    Ok(ring)
-}
-
-fn close(ring: &mut DirectRing) -> Result<(), RingError> {
-    ring.close()
-}
-
-/// Find the failed stage and swap in a replacement.
-fn failover(
-    plan: &mut RingPlan,
-    cause: &RingError,
-    stats: &mut SwarmSpecStats,
-    settings: &SwarmSpecSettings,
-    spares: &mut dyn FnMut(usize) -> Option<SocketAddr>,
-) -> Result<(), SwarmSpecError> {
-    if stats.failovers >= settings.failovers_max {
-        return Err(SwarmSpecError::Ring(cause.clone()));
-    }
-    stats.failovers += 1;
-    // The stage that does not accept connections any more; if all do (a stall), the one the
-    // error names.
-    let dead =
-        plan.addrs.iter().position(|a| TcpStream::connect_timeout(a, Duration::from_millis(500)).is_err()).unwrap_or(
-            match cause {
-                RingError::Unreachable { stage, .. }
-                | RingError::Refused { stage, .. }
-                | RingError::Unexpected { stage }
-                | RingError::Wire { stage, .. } => *stage,
-            },
-        );
-    let Some(addr) = spares(dead) else {
-        return Err(SwarmSpecError::NoReplacement { stage: dead, cause: cause.clone() });
-    };
-    plan.addrs[dead] = addr;
-    plan.session = plan.session.wrapping_add(0x9E37_79B9);
     Ok(())
 }
 
@@ -300,7 +401,7 @@ fn failover(
 /// every token committed so far.
 #[allow(clippy::too_many_arguments)]
 fn run_rounds(
-    ring: &mut DirectRing,
+    ring: &mut dyn SpecRing,
     drafter: &mut dyn Drafter,
     policy: &mut Policy,
     settings: &SwarmSpecSettings,
@@ -444,7 +545,7 @@ fn run_rounds(
 }
 
 /// The verdict for round `seq` of the current epoch; stale frames are skipped.
-fn wait_verdict(ring: &mut DirectRing, seq: u32) -> Result<(Vec<u32>, u32), RingError> {
+fn wait_verdict(ring: &mut dyn SpecRing, seq: u32) -> Result<(Vec<u32>, u32), RingError> {
     let deadline = Instant::now() + ring.timeout();
     loop {
         let (from, frame) = ring.next_frame(deadline)?;
