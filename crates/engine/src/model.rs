@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use specswarm_kernels::{QMatrix, axpy_f32, dot_f32};
+use specswarm_kernels::{QMatrix, ggml_math};
 use specswarm_proto::limits;
 
 use crate::config::{Activation, ModelConfig, RopeStyle};
@@ -316,6 +316,7 @@ impl ModelSlice {
         for row in h.chunks_exact_mut(d) {
             rms_norm(row, norm, self.cfg.rms_eps);
         }
+        dbg("result_norm", &h);
         let mut out = vec![0f32; rows * vocab];
         self.pool.install(|| head.matmul(&h, rows, &mut out));
         if let Some(c) = self.cfg.final_softcap {
@@ -342,6 +343,7 @@ impl ModelSlice {
 
         let mut h = x.to_vec();
         h.chunks_exact_mut(d).for_each(|r| rms_norm(r, &w.attn_norm, cfg.rms_eps));
+        dbg(&format!("attn_norm-{layer}"), &h);
         let mut q = vec![0f32; n * cfg.q_dim()];
         let (k_dim, v_dim) = (cfg.k_dim(), cfg.v_dim());
         let lkv = &mut kv.layers[slot];
@@ -360,6 +362,9 @@ impl ModelSlice {
         let table = if sliding { &rope.local } else { &rope.global };
         rope.apply(table, &mut q, cfg.n_heads, hd);
         rope.apply(table, &mut lkv.k[base * k_dim..], cfg.n_kv_heads, hd);
+        dbg(&format!("Qcur-{layer}"), &q);
+        dbg(&format!("Kcur-{layer}"), &lkv.k[base * k_dim..(base + n) * k_dim]);
+        dbg(&format!("Vcur-{layer}"), &lkv.v[base * v_dim..(base + n) * v_dim]);
         round_f16(&mut lkv.k[base * k_dim..]);
         round_f16(&mut lkv.v[base * v_dim..]);
         round_f16(&mut q);
@@ -368,28 +373,37 @@ impl ModelSlice {
         let window = if sliding { cfg.sliding_window } else { None };
         attention(cfg, &q, lkv, base, positions, vis, window, &mut attn);
 
+        dbg(&format!("kqv_out-{layer}"), &attn);
         let mut o = vec![0f32; n * d];
         w.wo.matmul(&attn, n, &mut o);
+        dbg(&format!("attn_out-{layer}"), &o);
         if let Some(pn) = &w.post_attn_norm {
             o.chunks_exact_mut(d).for_each(|r| rms_norm(r, pn, cfg.rms_eps));
         }
         x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 
         h.copy_from_slice(x);
+        dbg(&format!("ffn_inp-{layer}"), x);
         h.chunks_exact_mut(d).for_each(|r| rms_norm(r, &w.ffn_norm, cfg.rms_eps));
+        dbg(&format!("ffn_norm-{layer}"), &h);
         let f = cfg.ffn_dim;
         let mut g = vec![0f32; n * f];
         let mut u = vec![0f32; n * f];
         w.gate_up.apply(&h, n, &mut [&mut g, &mut u]);
+        dbg(&format!("ffn_gate-{layer}"), &g);
+        dbg(&format!("ffn_up-{layer}"), &u);
         match cfg.activation {
-            Activation::Silu => g.iter_mut().zip(&u).for_each(|(a, b)| *a = silu(*a) * b),
+            Activation::Silu => ggml_math::silu_mul(&mut g, &u),
             Activation::GeluTanh => g.iter_mut().zip(&u).for_each(|(a, b)| *a = gelu_tanh(*a) * b),
         }
+        dbg(&format!("ffn_swiglu-{layer}"), &g);
         w.w_down.matmul(&g, n, &mut o);
+        dbg(&format!("ffn_out-{layer}"), &o);
         if let Some(pn) = &w.post_ffn_norm {
             o.chunks_exact_mut(d).for_each(|r| rms_norm(r, pn, cfg.rms_eps));
         }
         x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        dbg(&format!("l_out-{layer}"), x);
     }
 }
 
@@ -571,27 +585,42 @@ fn attention(
                 lists[i].iter().filter(|&&j| visible(positions[j as usize] as usize)).map(|&j| base + j as usize),
             ),
         }
-        let mut scores: Vec<f32> = rows
-            .iter()
-            .map(|&r| {
-                let s = dot_f32(qv, &lkv.k[r * k_dim + kvh * hd..][..hd]) * cfg.attn_scale;
-                match cfg.attn_softcap {
-                    Some(c) => (s / c).tanh() * c,
-                    None => s,
-                }
-            })
-            .collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f64;
-        for s in &mut scores {
-            *s = (*s - max).exp();
-            sum += f64::from(*s);
+        // As llama.cpp's CPU attention (f16 K/V cache, no flash attention): scores are
+        // ggml_vec_dot_f16 of the f16 query and keys; the softmax runs over cache slots
+        // 0..hi with masked slots at -inf, exponentials by ggml's SIMD polynomial, summed per
+        // 16 slots into an f64; probabilities are rounded to f16 and each output element is
+        // again a ggml_vec_dot_f16 over the slots (V transposed), zeros included.
+        let hi = rows.last().map_or(0, |&r| r + 1);
+        let mut wp = vec![f32::NEG_INFINITY; hi.next_multiple_of(16)];
+        for &r in &rows {
+            let s = ggml_math::dot_f16(qv, &lkv.k[r * k_dim + kvh * hd..][..hd]) * cfg.attn_scale;
+            wp[r] = match cfg.attn_softcap {
+                Some(c) => (s / c).tanh() * c,
+                None => s,
+            };
         }
+        let max = wp.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum = ggml_math::exp_sum(&mut wp, max);
         let inv = (1.0 / sum) as f32;
-        o.fill(0.0);
-        for (&r, &s) in rows.iter().zip(&scores) {
-            let p = half::f16::from_f32(s * inv).to_f32();
-            axpy_f32(p, &lkv.v[r * v_dim + kvh * hdv..][..hdv], o);
+        // Slot accumulators of ggml_vec_dot_f16 (slot = cache row % 64), per output element.
+        let slots = hi.min(64);
+        let mut acc = vec![0f32; slots * hdv];
+        for &r in &rows {
+            let p = half::f16::from_f32(wp[r] * inv).to_f32();
+            if p == 0.0 {
+                continue; // adds +-0 to every slot: no change
+            }
+            let a = &mut acc[(r % 64) * hdv..][..hdv];
+            for (a, &v) in a.iter_mut().zip(&lkv.v[r * v_dim + kvh * hdv..][..hdv]) {
+                *a += p * v;
+            }
+        }
+        let mut full = [0f32; 64];
+        for (d, o) in o.iter_mut().enumerate() {
+            for sl in 0..slots {
+                full[sl] = acc[sl * hdv + d];
+            }
+            *o = f64::from(ggml_math::reduce_slots(&full)) as f32;
         }
     };
     let n_rows = positions.len() * nh;
@@ -648,11 +677,21 @@ impl RopeTables {
                         RopeStyle::Neox => (i, i + half),
                     };
                     let (x0, x1) = (head[a], head[b]);
-                    head[a] = x0 * c - x1 * s;
-                    head[b] = x0 * s + x1 * c;
+                    // ggml's rotation as GCC contracts it: one product rounded, one fused.
+                    head[a] = x0.mul_add(c, -(x1 * s));
+                    head[b] = x0.mul_add(s, x1 * c);
                 }
             }
         }
+    }
+}
+
+pub static DBG_STEP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+pub(crate) fn dbg(name: &str, x: &[f32]) {
+    if let Ok(dir) = std::env::var("SS_DUMP") {
+        let step = DBG_STEP.load(std::sync::atomic::Ordering::Relaxed);
+        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(format!("{dir}/s{step:02}_{name}.bin"), bytes).unwrap();
     }
 }
 
@@ -672,10 +711,6 @@ pub(crate) fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
     let mean = (ss / x.len() as f64) as f32;
     let scale = 1.0 / (mean + eps).sqrt();
     x.iter_mut().zip(w).for_each(|(v, w)| *v = *v * scale * w);
-}
-
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
 }
 
 fn gelu_tanh_exact(x: f32) -> f32 {

@@ -569,11 +569,6 @@ unsafe fn f16_bits(v: f32) -> u16 {
     _mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT), 0) as u16
 }
 
-#[inline(always)]
-unsafe fn f16_round(v: f32) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT)))
-}
-
 /// AVX2 twin of the scalar Q8_0 / Q8_1 / Q8_K quantizers (byte-identical output).
 ///
 /// # Safety
@@ -588,14 +583,15 @@ pub(crate) unsafe fn quantize_q8(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
             let (bb, qo) = if ty == GgmlType::Q8_0 { (34, 2) } else { (36, 4) };
             for i in 0..src.len() / 32 {
                 let (sb, ob) = (s.add(32 * i), o.add(bb * i));
-                let d = absmax32(sb) / 127.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let amax = absmax32(sb);
+                let d = amax / 127.0;
+                let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
                 let q = q8_store32(sb, id, ob.add(qo));
                 (ob as *mut u16).write_unaligned(f16_bits(d).to_le());
                 if ty == GgmlType::Q8_1 {
                     let t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
                     let sum = hsum_epi32(t) as f32;
-                    (ob.add(2) as *mut u16).write_unaligned(f16_bits(f16_round(d) * sum).to_le());
+                    (ob.add(2) as *mut u16).write_unaligned(f16_bits(d * sum).to_le());
                 }
             }
         }

@@ -107,11 +107,10 @@ macro_rules! legacy_prep {
 /// weight rows (`$ws` bytes apart), unpacked here block by block (few tokens); otherwise it is
 /// the working layout of [`legacy_prep!`] (rows from `$r0`) and `$xsc` the token tables.
 ///
-/// Per (row, token) the float work is exactly that of the former one-row kernels, whichever
-/// the source: blocks in groups of four with the scale products `d_w * d_x` of four blocks at
-/// once, one FMA per block into one 8-lane accumulator, tail blocks with scalar scale
-/// products; for `(d, m)` types the `m * s` products summed per lane of four and added at the
-/// end.
+/// Per (row, token) the float work is that of ggml's AVX2 `vec_dot` for the type, whichever the
+/// source: one FMA per block of `d_w * d_x` times the block's eight lane sums into one 8-lane
+/// accumulator, in block order, then its horizontal sum; for `(d, m)` types the `m * s`
+/// products are accumulated with one scalar FMA per block in block order and added last.
 macro_rules! legacy_tile {
     ($vnni:expr, $direct:expr, $R:ident, $T:ident, $nb:expr, $src:expr, $ws:expr, $r0:expr, $x:expr, $xs:expr,
      $xsc:expr, $out:expr, $wbs:expr, $xbs:expr, $xqo:expr, $has_m:expr, $mode:expr, |$wb:ident| $prep:expr) => {{
@@ -134,8 +133,9 @@ macro_rules! legacy_tile {
         let dd = src.wrapping_add(nb * RB * 64) as *const f32;
         let mm = dd.wrapping_add(nb * RB);
         let mut acc = [[_mm256_setzero_ps(); $T]; $R];
-        let mut accm = [[_mm_setzero_ps(); $T]; $R];
-        let mut summ = [[0.0f32; $T]; $R];
+        // `m * s` sums of token t, one lane per row, each lane one FMA per block in block
+        // order (ggml's scalar `summs += m * s`, contracted to an FMA).
+        let mut summ = [_mm_setzero_ps(); $T];
         let mut scs = [[[0.0f32; 4]; $T]; $R];
         // Weight operands of block `blk`: (operand, aux) per row; aux is the VNNI row
         // correction or, for the AVX2 Q8 sign trick, the signed weights.
@@ -244,13 +244,29 @@ macro_rules! legacy_tile {
             for r in 0..$R {
                 wd[r] = wsc4!(r, i);
             }
+            // Weight mins of the four blocks as columns over the rows (a 4 x 4 transpose).
+            let mcol = if $has_m {
+                let mut m = [_mm_setzero_ps(); 4];
+                for r in 0..$R {
+                    m[r] = wd[r].1;
+                }
+                let (t0, t1) = (_mm_unpacklo_ps(m[0], m[1]), _mm_unpacklo_ps(m[2], m[3]));
+                let (t2, t3) = (_mm_unpackhi_ps(m[0], m[1]), _mm_unpackhi_ps(m[2], m[3]));
+                [_mm_movelh_ps(t0, t1), _mm_movehl_ps(t1, t0), _mm_movelh_ps(t2, t3), _mm_movehl_ps(t3, t2)]
+            } else {
+                [_mm_setzero_ps(); 4]
+            };
             for t in 0..$T {
                 let (xd, xm) = xsc4!(t, i);
                 for r in 0..$R {
                     _mm_storeu_ps(scs[r][t].as_mut_ptr(), _mm_mul_ps(wd[r].0, xd));
-                    if $has_m {
-                        accm[r][t] = _mm_add_ps(accm[r][t], _mm_mul_ps(wd[r].1, xm));
-                    }
+                }
+                if $has_m {
+                    let mut sm = summ[t];
+                    sm = _mm_fmadd_ps(mcol[0], _mm_shuffle_ps::<0x00>(xm, xm), sm);
+                    sm = _mm_fmadd_ps(mcol[1], _mm_shuffle_ps::<0x55>(xm, xm), sm);
+                    sm = _mm_fmadd_ps(mcol[2], _mm_shuffle_ps::<0xAA>(xm, xm), sm);
+                    summ[t] = _mm_fmadd_ps(mcol[3], _mm_shuffle_ps::<0xFF>(xm, xm), sm);
                 }
             }
             for k in 0..4 {
@@ -275,33 +291,36 @@ macro_rules! legacy_tile {
                 } else {
                     (*xsc.add(t * xss + i), if $has_m { *xsc.add(t * xss + nb + i) } else { 0.0 })
                 };
+                let mut mw = [0.0f32; 4];
                 for r in 0..$R {
                     let p = _mm256_cvtepi32_ps(isum!(a[r], aux[r], xv, tc));
-                    let (dw, mw) = if $direct {
+                    let dw = if $direct {
                         let wb = src.add(r * ws + i * $wbs);
-                        (ld_f16(wb), if $has_m { ld_f16(wb.add(2)) } else { 0.0 })
+                        if $has_m {
+                            mw[r] = ld_f16(wb.add(2));
+                        }
+                        ld_f16(wb)
                     } else {
                         let o = (r0 + r) * nb + i;
-                        (*dd.add(o), if $has_m { *mm.add(o) } else { 0.0 })
+                        if $has_m {
+                            mw[r] = *mm.add(o);
+                        }
+                        *dd.add(o)
                     };
                     acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), p, acc[r][t]);
-                    if $has_m {
-                        summ[r][t] += mw * sx;
-                    }
+                }
+                if $has_m {
+                    summ[t] = _mm_fmadd_ps(_mm_loadu_ps(mw.as_ptr()), _mm_set1_ps(sx), summ[t]);
                 }
             }
             i += 1;
         }
-        for r in 0..$R {
-            for t in 0..$T {
-                let mut o = hsum_ps(acc[r][t]) + summ[r][t];
-                if $has_m {
-                    let mut m = [0.0f32; 4];
-                    _mm_storeu_ps(m.as_mut_ptr(), accm[r][t]);
-                    // As the former 8-lane horizontal sum with the d products blended out.
-                    o += 0.0 + ((m[0] + m[2]) + (m[1] + m[3]));
-                }
-                out[r * TILE_TOKENS + t] = o;
+        for t in 0..$T {
+            let mut m = [0.0f32; 4];
+            _mm_storeu_ps(m.as_mut_ptr(), summ[t]);
+            for r in 0..$R {
+                // As ggml: horizontal sum of the accumulator, then the `m * s` sum.
+                out[r * TILE_TOKENS + t] = hsum_ps(acc[r][t]) + m[r];
             }
         }
     }};

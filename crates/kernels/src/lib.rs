@@ -8,6 +8,7 @@
 //!   picked at run time on x86-64 (scalar reference: [`vec_dot_scalar`]).
 //! * [`QMatrix`]: a quantized weight matrix with a tiled, rayon-parallel matmul.
 //! * [`dot_f32`] / [`axpy_f32`]: f32 helpers for attention.
+//! * [`ggml_math`]: softmax, SwiGLU and f16 dot products in llama.cpp's exact operation order.
 //!
 //! SIMD: on x86-64 with AVX2+FMA+F16C (detected once at run time, see [`simd_available`];
 //! the environment variable `SPECSWARM_KERNELS_NO_SIMD` forces scalar) every weight type has
@@ -51,6 +52,7 @@ mod blocks;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod dot;
+pub mod ggml_math;
 mod matmul;
 mod types;
 
