@@ -571,6 +571,11 @@ fn attention(
     let (nh, hd, hdv) = (cfg.n_heads, cfg.head_dim, cfg.head_dim_v);
     let group = nh / cfg.n_kv_heads;
     let (k_dim, v_dim) = (cfg.k_dim(), cfg.v_dim());
+    // llama.cpp computes attention of multi-token batches with its batched f16 GEMM (another
+    // summation order than one-token decoding). We follow it for the prompt prefill only (a
+    // causal batch of 2+ rows on an empty cache): every later batch keeps the one-token order,
+    // so verifying k speculative tokens reproduces k plain decoding steps bit for bit.
+    let batched = matches!(vis, Visibility::Causal) && base == 0 && positions.len() >= 2;
     let work = |idx: usize, o: &mut [f32]| {
         let (i, h) = (idx / nh, idx % nh);
         let kvh = h / group;
@@ -590,10 +595,11 @@ fn attention(
         // 0..hi with masked slots at -inf, exponentials by ggml's SIMD polynomial, summed per
         // 16 slots into an f64; probabilities are rounded to f16 and each output element is
         // again a ggml_vec_dot_f16 over the slots (V transposed), zeros included.
-        let hi = rows.last().map_or(0, |&r| r + 1);
+        let hi = rows.iter().max().map_or(0, |&r| r + 1);
         let mut wp = vec![f32::NEG_INFINITY; hi.next_multiple_of(16)];
+        let dot = if batched { ggml_math::dot_f16_batched } else { ggml_math::dot_f16 };
         for &r in &rows {
-            let s = ggml_math::dot_f16(qv, &lkv.k[r * k_dim + kvh * hd..][..hd]) * cfg.attn_scale;
+            let s = dot(qv, &lkv.k[r * k_dim + kvh * hd..][..hd]) * cfg.attn_scale;
             wp[r] = match cfg.attn_softcap {
                 Some(c) => (s / c).tanh() * c,
                 None => s,
@@ -602,15 +608,17 @@ fn attention(
         let max = wp.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let sum = ggml_math::exp_sum(&mut wp, max);
         let inv = (1.0 / sum) as f32;
-        // Slot accumulators of ggml_vec_dot_f16 (slot = cache row % 64), per output element.
-        let slots = hi.min(64);
+        // Slot accumulators of the f16 dot products over cache rows, per output element:
+        // ggml_vec_dot_f16 (slot = row % 64) or, batched, tinyBLAS (slot = row % 16).
+        let width = if batched { 16 } else { 64 };
+        let slots = hi.min(width);
         let mut acc = vec![0f32; slots * hdv];
         for &r in &rows {
             let p = half::f16::from_f32(wp[r] * inv).to_f32();
             if p == 0.0 {
                 continue; // adds +-0 to every slot: no change
             }
-            let a = &mut acc[(r % 64) * hdv..][..hdv];
+            let a = &mut acc[(r % width) * hdv..][..hdv];
             for (a, &v) in a.iter_mut().zip(&lkv.v[r * v_dim + kvh * hdv..][..hdv]) {
                 *a += p * v;
             }
@@ -620,7 +628,11 @@ fn attention(
             for sl in 0..slots {
                 full[sl] = acc[sl * hdv + d];
             }
-            *o = f64::from(ggml_math::reduce_slots(&full)) as f32;
+            *o = if batched {
+                ggml_math::reduce16(full[..16].try_into().expect("16 slots"))
+            } else {
+                f64::from(ggml_math::reduce_slots(&full)) as f32
+            };
         }
     };
     let n_rows = positions.len() * nh;

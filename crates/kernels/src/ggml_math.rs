@@ -128,6 +128,24 @@ pub fn dot_f16(x: &[f32], y: &[f32]) -> f32 {
     sumf as f32
 }
 
+/// The f16 dot product of llama.cpp's batched path (llamafile's tinyBLAS with 16-lane AVX512
+/// vectors, used when a matmul has at least two columns): one 16-lane accumulator over steps of
+/// 16 elements, then [`reduce16`]. Lengths that are not a multiple of 16 fall back to
+/// [`dot_f16`], as tinyBLAS declines them.
+pub fn dot_f16_batched(x: &[f32], y: &[f32]) -> f32 {
+    assert_eq!(x.len(), y.len(), "dot_f16_batched: lengths");
+    if x.len() % 16 != 0 {
+        return dot_f16(x, y);
+    }
+    let mut acc = [0f32; 16];
+    for (xc, yc) in x.chunks_exact(16).zip(y.chunks_exact(16)) {
+        for l in 0..16 {
+            acc[l] += xc[l] * yc[l];
+        }
+    }
+    reduce16(&acc)
+}
+
 /// The final reduction of [`dot_f16`]'s 64 accumulator slots (slot `16 j + l` is lane `l` of
 /// accumulator `j`): `(a0 + a2) + (a1 + a3)` lane-wise, then [`reduce16`].
 #[inline]
