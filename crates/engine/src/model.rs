@@ -113,6 +113,12 @@ pub struct LoadOptions {
     /// Also load the final norm and LM head when the slice does not end at the last layer: the
     /// target's own first K layers then form a self-draft model.
     pub with_head: bool,
+    /// Compute the attention of a prompt prefill (a causal batch of 2+ rows on an empty cache)
+    /// in the summation order of llama.cpp's batched f16 GEMM, as llama.cpp does, instead of
+    /// the one-token order. Off by default: with it, the logits of a prefill no longer equal
+    /// those of the same tokens decoded one by one (batch invariance holds from position 1 on
+    /// only); speculative verification is unaffected (it never starts at position 0).
+    pub llama_cpp_prefill: bool,
 }
 
 pub struct ModelSlice {
@@ -123,6 +129,7 @@ pub struct ModelSlice {
     output_norm: Option<Vec<f32>>,
     lm_head: Option<QMatrix>,
     rope_factors: Option<Vec<f32>>,
+    llama_cpp_prefill: bool,
     pool: Arc<rayon::ThreadPool>,
 }
 
@@ -200,6 +207,7 @@ impl ModelSlice {
             output_norm,
             lm_head,
             rope_factors,
+            llama_cpp_prefill: opts.llama_cpp_prefill,
             pool: Arc::new(pool),
         })
     }
@@ -371,7 +379,8 @@ impl ModelSlice {
 
         let mut attn = vec![0f32; n * cfg.n_heads * cfg.head_dim_v];
         let window = if sliding { cfg.sliding_window } else { None };
-        attention(cfg, &q, lkv, base, positions, vis, window, &mut attn);
+        let batched = self.llama_cpp_prefill && matches!(vis, Visibility::Causal) && base == 0 && n >= 2;
+        attention(cfg, &q, lkv, base, positions, vis, window, batched, &mut attn);
 
         dbg(&format!("kqv_out-{layer}"), &attn);
         let mut o = vec![0f32; n * d];
@@ -557,6 +566,13 @@ impl Visibility {
     }
 }
 
+/// Attention of every (row, head) as llama.cpp's CPU backend computes it (f16 K/V cache, no
+/// flash attention). Scores are f16 dot products of the f16-rounded query and keys; the softmax
+/// runs over cache slots `0..hi` with masked slots at -inf, ggml's SIMD `exp`, and a sum per 16
+/// slots into an f64; probabilities are rounded to f16 and each output element is again an f16
+/// dot product over the slots (V transposed). The f16 dot products follow `ggml_vec_dot_f16`
+/// (one-token order) or, with `batched`, llamafile's tinyBLAS (see
+/// [`LoadOptions::llama_cpp_prefill`]).
 #[allow(clippy::too_many_arguments)]
 fn attention(
     cfg: &ModelConfig,
@@ -566,16 +582,12 @@ fn attention(
     positions: &[u32],
     vis: &Visibility,
     window: Option<usize>,
+    batched: bool,
     out: &mut [f32],
 ) {
     let (nh, hd, hdv) = (cfg.n_heads, cfg.head_dim, cfg.head_dim_v);
     let group = nh / cfg.n_kv_heads;
     let (k_dim, v_dim) = (cfg.k_dim(), cfg.v_dim());
-    // llama.cpp computes attention of multi-token batches with its batched f16 GEMM (another
-    // summation order than one-token decoding). We follow it for the prompt prefill only (a
-    // causal batch of 2+ rows on an empty cache): every later batch keeps the one-token order,
-    // so verifying k speculative tokens reproduces k plain decoding steps bit for bit.
-    let batched = matches!(vis, Visibility::Causal) && base == 0 && positions.len() >= 2;
     let work = |idx: usize, o: &mut [f32]| {
         let (i, h) = (idx / nh, idx % nh);
         let kvh = h / group;
@@ -583,24 +595,28 @@ fn attention(
         let p = positions[i] as usize;
         let visible = |kp: usize| window.is_none_or(|w| p - kp < w);
         let lo = window.map_or(0, |w| (p + 1).saturating_sub(w)).min(base);
-        let mut rows: Vec<usize> = (lo..base).collect();
+        // (cache row, position) of every visible key, in ascending position. Softmax slots and
+        // dot-product lanes follow the key's position (llama.cpp's cache cell of a single
+        // sequence), so a tree node sees exactly the arithmetic of its path decoded plainly.
+        let mut keys: Vec<(usize, usize)> = (lo..base).map(|r| (r, r)).collect();
         match vis {
-            Visibility::Causal => rows.extend((0..=i).filter(|&j| visible(positions[j] as usize)).map(|j| base + j)),
-            Visibility::Tree(lists) => rows.extend(
-                lists[i].iter().filter(|&&j| visible(positions[j as usize] as usize)).map(|&j| base + j as usize),
+            Visibility::Causal => keys.extend(
+                (0..=i).filter(|&j| visible(positions[j] as usize)).map(|j| (base + j, positions[j] as usize)),
+            ),
+            Visibility::Tree(lists) => keys.extend(
+                lists[i]
+                    .iter()
+                    .map(|&j| j as usize)
+                    .filter(|&j| visible(positions[j] as usize))
+                    .map(|j| (base + j, positions[j] as usize)),
             ),
         }
-        // As llama.cpp's CPU attention (f16 K/V cache, no flash attention): scores are
-        // ggml_vec_dot_f16 of the f16 query and keys; the softmax runs over cache slots
-        // 0..hi with masked slots at -inf, exponentials by ggml's SIMD polynomial, summed per
-        // 16 slots into an f64; probabilities are rounded to f16 and each output element is
-        // again a ggml_vec_dot_f16 over the slots (V transposed), zeros included.
-        let hi = rows.iter().max().map_or(0, |&r| r + 1);
+        let hi = keys.last().map_or(0, |&(_, kp)| kp + 1);
         let mut wp = vec![f32::NEG_INFINITY; hi.next_multiple_of(16)];
         let dot = if batched { ggml_math::dot_f16_batched } else { ggml_math::dot_f16 };
-        for &r in &rows {
+        for &(r, kp) in &keys {
             let s = dot(qv, &lkv.k[r * k_dim + kvh * hd..][..hd]) * cfg.attn_scale;
-            wp[r] = match cfg.attn_softcap {
+            wp[kp] = match cfg.attn_softcap {
                 Some(c) => (s / c).tanh() * c,
                 None => s,
             };
@@ -608,17 +624,17 @@ fn attention(
         let max = wp.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let sum = ggml_math::exp_sum(&mut wp, max);
         let inv = (1.0 / sum) as f32;
-        // Slot accumulators of the f16 dot products over cache rows, per output element:
-        // ggml_vec_dot_f16 (slot = row % 64) or, batched, tinyBLAS (slot = row % 16).
+        // Slot accumulators of the f16 dot products over key positions, per output element:
+        // ggml_vec_dot_f16 (slot = position % 64) or, batched, tinyBLAS (position % 16).
         let width = if batched { 16 } else { 64 };
         let slots = hi.min(width);
         let mut acc = vec![0f32; slots * hdv];
-        for &r in &rows {
-            let p = half::f16::from_f32(wp[r] * inv).to_f32();
+        for &(r, kp) in &keys {
+            let p = half::f16::from_f32(wp[kp] * inv).to_f32();
             if p == 0.0 {
                 continue; // adds +-0 to every slot: no change
             }
-            let a = &mut acc[(r % width) * hdv..][..hdv];
+            let a = &mut acc[(kp % width) * hdv..][..hdv];
             for (a, &v) in a.iter_mut().zip(&lkv.v[r * v_dim + kvh * hdv..][..hdv]) {
                 *a += p * v;
             }
