@@ -375,6 +375,9 @@ impl ModelSlice {
         dbg(&format!("Vcur-{layer}"), &lkv.v[base * v_dim..(base + n) * v_dim]);
         round_f16(&mut lkv.k[base * k_dim..]);
         round_f16(&mut lkv.v[base * v_dim..]);
+        if cfg.scale_query {
+            q.iter_mut().for_each(|v| *v *= cfg.attn_scale);
+        }
         round_f16(&mut q);
 
         let mut attn = vec![0f32; n * cfg.n_heads * cfg.head_dim_v];
@@ -615,7 +618,8 @@ fn attention(
         let mut wp = vec![f32::NEG_INFINITY; hi.next_multiple_of(16)];
         let dot = if batched { ggml_math::dot_f16_batched } else { ggml_math::dot_f16 };
         for &(r, kp) in &keys {
-            let s = dot(qv, &lkv.k[r * k_dim + kvh * hd..][..hd]) * cfg.attn_scale;
+            let s = dot(qv, &lkv.k[r * k_dim + kvh * hd..][..hd]);
+            let s = if cfg.scale_query { s } else { s * cfg.attn_scale };
             wp[kp] = match cfg.attn_softcap {
                 Some(c) => (s / c).tanh() * c,
                 None => s,

@@ -224,6 +224,21 @@ pub(crate) unsafe fn q8k_pair_sums(xb: *const u8) -> __m256i {
     sum_i16_pairs(ld256(xb.add(260)))
 }
 
+/// Q4_K mins products (lane g: `min_g * sum_g`) folded in pairs as ggml's AVX2 Q4_K kernel
+/// does: its four lanes (pairs 0..4) land in lanes 0, 1, 4, 5, the others are zero.
+#[inline(always)]
+pub(crate) unsafe fn fold_mins(pm: __m256i) -> __m256i {
+    _mm256_hadd_epi32(pm, _mm256_setzero_si256())
+}
+
+/// Horizontal sum of an accumulator of [`fold_mins`] lanes in ggml's order: (m0 + m2) + (m1 + m3).
+#[inline(always)]
+pub(crate) unsafe fn mins_sum(v: __m256) -> f32 {
+    let mut a = [0f32; 8];
+    _mm256_storeu_ps(a.as_mut_ptr(), v);
+    (a[0] + a[4]) + (a[1] + a[5])
+}
+
 /// 8 Q4_K/Q5_K 6-bit (scales, mins) as two i32x8 vectors.
 #[inline(always)]
 pub(crate) unsafe fn k4_scales_mins(s: *const u8) -> ([i32; 8], __m256i) {
@@ -249,7 +264,7 @@ unsafe fn q4k_q8k(nb: usize, w: *const u8, x: *const u8) -> f32 {
         let d = xd * ld_f16(wb);
         let dmin = xd * ld_f16(wb.add(2));
         let (sc, mins) = k4_scales_mins(wb.add(4));
-        let pm = _mm256_mullo_epi32(mins, q8k_pair_sums(xb));
+        let pm = fold_mins(_mm256_mullo_epi32(mins, q8k_pair_sums(xb)));
         accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(pm), accm);
         let mut sumi = _mm256_setzero_si256();
         for c in 0..4 {
@@ -265,7 +280,7 @@ unsafe fn q4k_q8k(nb: usize, w: *const u8, x: *const u8) -> f32 {
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum_ps(acc) - hsum_ps(accm)
+    hsum_ps(acc) - mins_sum(accm)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -524,7 +539,7 @@ unsafe fn hmax_ps(v: __m256) -> f32 {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum_epi32(v: __m256i) -> i32 {
+pub(crate) unsafe fn hsum_epi32(v: __m256i) -> i32 {
     let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
@@ -602,8 +617,8 @@ pub(crate) unsafe fn quantize_q8(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
                 for k in 0..8 {
                     amax = amax.max(absmax32(sb.add(32 * k)));
                 }
-                let d = amax / 127.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+                let d = if amax != 0.0 { 1.0 / id } else { 0.0 };
                 (ob as *mut f32).write_unaligned(d);
                 for k in 0..8 {
                     let q = q8_store32(sb.add(32 * k), id, ob.add(4 + 32 * k));

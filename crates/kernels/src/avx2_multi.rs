@@ -13,7 +13,8 @@
 #![allow(unsafe_op_in_unsafe_fn)]
 
 use crate::avx2::{
-    bits_to_bytes, hsum_ps, k4_scales_mins, ld_f16, ld_f16x4, ld128, ld256, q8k_pair_sums, unpack_nibbles16,
+    bits_to_bytes, hsum_epi32, hsum_ps, k4_scales_mins, ld_f16, ld_f16x4, ld128, ld256, q8k_pair_sums,
+    unpack_nibbles16,
 };
 use crate::dot::{TILE_ROWS, TILE_TOKENS, TileKernel, check_row};
 use crate::types::GgmlType;
@@ -532,16 +533,19 @@ macro_rules! q6k_unpack {
 }
 
 /// K-quant tiles (Q4_K, Q6_K): `R` rows of the working layout (from `r0`) x `T` tokens. Per
-/// (row, token) the float work is that of the former one-row kernels: per block one FMA of
-/// `x_d * d` with the exact integer block sum (and for Q4_K one of `x_d * dmin` with the exact
-/// mins sum); the integer sums may be formed in any order.
+/// (row, token) the float work is that of ggml on AVX2: Q6_K as `ggml_vec_dot_q6_K_q8_K` (per
+/// block one 8-lane FMA of `x_d * d` with the exact integer lane sums, lane = byte position / 4
+/// within each 32-byte group), Q4_K as ggml's repacked 8x8 kernels (see `q4k_m`); the integer
+/// sums may be formed in any order.
 macro_rules! kq_tile {
     ($vnni:expr, $is_q4k:expr, $R:ident, $T:ident, $nb:expr, $buf:expr, $r0:expr, $x:expr, $xs:expr, $out:expr) => {{
         let (nb, buf, r0, x, xs, out): (usize, *const u8, usize, *const u8, usize, &mut [f32]) =
             ($nb, $buf, $r0, $x, $xs, $out);
         let zero = _mm256_setzero_si256();
         let mut acc = [[_mm256_setzero_ps(); $T]; $R];
-        let mut accm = [[_mm256_setzero_ps(); $T]; $R];
+        // Q4_K: scalar chains over the blocks' exact integer totals (see `q4k_m`).
+        let mut accs = [[0.0f32; $T]; $R];
+        let mut accms = [[0.0f32; $T]; $R];
         for blk in 0..nb {
             let slot = |r: usize| buf.add((blk * RB + r0 + r) * KS);
             let xblk = |t: usize| x.add(t * xs + blk * 292);
@@ -555,8 +559,8 @@ macro_rules! kq_tile {
                 let dmin = (slot(r).add(548) as *const f32).read_unaligned();
                 for t in 0..$T {
                     if $is_q4k {
-                        let pm = _mm256_mullo_epi32(extra, q8k_pair_sums(xblk(t)));
-                        accm[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(xd[t] * dmin), _mm256_cvtepi32_ps(pm), accm[r][t]);
+                        let m = hsum_epi32(_mm256_mullo_epi32(extra, q8k_pair_sums(xblk(t)))) as f32;
+                        accms[r][t] = m.mul_add(xd[t] * dmin, accms[r][t]);
                     } else {
                         // The -32 offset: sum_g sc_g * (-32) * bsum_g.
                         let corr = _mm256_madd_epi16(extra, ld256(xblk(t).add(260)));
@@ -586,14 +590,18 @@ macro_rules! kq_tile {
             for r in 0..$R {
                 let dw = (slot(r).add(544) as *const f32).read_unaligned();
                 for t in 0..$T {
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(xd[t] * dw), _mm256_cvtepi32_ps(sumi[r][t]), acc[r][t]);
+                    if $is_q4k {
+                        accs[r][t] = (hsum_epi32(sumi[r][t]) as f32).mul_add(xd[t] * dw, accs[r][t]);
+                    } else {
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(xd[t] * dw), _mm256_cvtepi32_ps(sumi[r][t]), acc[r][t]);
+                    }
                 }
             }
         }
         for r in 0..$R {
             for t in 0..$T {
                 out[r * TILE_TOKENS + t] =
-                    if $is_q4k { hsum_ps(acc[r][t]) - hsum_ps(accm[r][t]) } else { hsum_ps(acc[r][t]) };
+                    if $is_q4k { accs[r][t] - accms[r][t] } else { hsum_ps(acc[r][t]) };
             }
         }
     }};
@@ -796,8 +804,11 @@ pub(crate) fn dot_tile_fn(ty: GgmlType) -> Option<TileKernel> {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
-    let mut acc = [_mm256_setzero_ps(); T];
-    let mut accm = [_mm256_setzero_ps(); T];
+    // As ggml's repacked Q4_K kernels (gemv/gemm 8x8, used for Q4_K on AVX2): per block the
+    // exact integer totals of the scaled products and of the mins, then one scalar FMA each
+    // with `d_w * d_x` and `dmin_w * d_x`; the result is the difference of the two chains.
+    let mut acc = [0.0f32; T];
+    let mut accm = [0.0f32; T];
     let m4 = _mm256_set1_epi8(0x0F);
     for i in 0..nb {
         let wb = w.add(i * 144);
@@ -815,18 +826,18 @@ unsafe fn q4k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: u
         for t in 0..T {
             let xb = x.add(t * stride + i * 292);
             let xd = (xb as *const f32).read_unaligned();
-            let pm = _mm256_mullo_epi32(mins, q8k_pair_sums(xb));
-            accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(xd * dminw), _mm256_cvtepi32_ps(pm), accm[t]);
+            let m = hsum_epi32(_mm256_mullo_epi32(mins, q8k_pair_sums(xb))) as f32;
+            accm[t] = m.mul_add(xd * dminw, accm[t]);
             let mut sumi = _mm256_setzero_si256();
             for j in 0..8 {
                 let p = _mm256_maddubs_epi16(q[j], ld256(xb.add(4 + 32 * j)));
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s[j]));
             }
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xd * dw), _mm256_cvtepi32_ps(sumi), acc[t]);
+            acc[t] = (hsum_epi32(sumi) as f32).mul_add(xd * dw, acc[t]);
         }
     }
     for t in 0..T {
-        out[t] = hsum_ps(acc[t]) - hsum_ps(accm[t]);
+        out[t] = acc[t] - accm[t];
     }
 }
 

@@ -472,8 +472,10 @@ fn q_q8_1(x: &[f32], b: &mut [u8]) {
 
 fn q_q8k(x: &[f32], b: &mut [u8]) {
     let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-    let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    // As ggml (up to a sign flip of d and every q, which leaves all products unchanged):
+    // multiplier 127 / amax, d = 1 / multiplier.
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let d = if amax != 0.0 { 1.0 / id } else { 0.0 };
     b[0..4].copy_from_slice(&d.to_le_bytes());
     let mut sums = [0i32; 16];
     for (j, &v) in x.iter().enumerate() {
