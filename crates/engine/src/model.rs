@@ -324,7 +324,6 @@ impl ModelSlice {
         for row in h.chunks_exact_mut(d) {
             rms_norm(row, norm, self.cfg.rms_eps);
         }
-        dbg("result_norm", &h);
         let mut out = vec![0f32; rows * vocab];
         self.pool.install(|| head.matmul(&h, rows, &mut out));
         if let Some(c) = self.cfg.final_softcap {
@@ -351,7 +350,6 @@ impl ModelSlice {
 
         let mut h = x.to_vec();
         h.chunks_exact_mut(d).for_each(|r| rms_norm(r, &w.attn_norm, cfg.rms_eps));
-        dbg(&format!("attn_norm-{layer}"), &h);
         let mut q = vec![0f32; n * cfg.q_dim()];
         let (k_dim, v_dim) = (cfg.k_dim(), cfg.v_dim());
         let lkv = &mut kv.layers[slot];
@@ -370,9 +368,6 @@ impl ModelSlice {
         let table = if sliding { &rope.local } else { &rope.global };
         rope.apply(table, &mut q, cfg.n_heads, hd);
         rope.apply(table, &mut lkv.k[base * k_dim..], cfg.n_kv_heads, hd);
-        dbg(&format!("Qcur-{layer}"), &q);
-        dbg(&format!("Kcur-{layer}"), &lkv.k[base * k_dim..(base + n) * k_dim]);
-        dbg(&format!("Vcur-{layer}"), &lkv.v[base * v_dim..(base + n) * v_dim]);
         round_f16(&mut lkv.k[base * k_dim..]);
         round_f16(&mut lkv.v[base * v_dim..]);
         if cfg.scale_query {
@@ -385,37 +380,28 @@ impl ModelSlice {
         let batched = self.llama_cpp_prefill && matches!(vis, Visibility::Causal) && base == 0 && n >= 2;
         attention(cfg, &q, lkv, base, positions, vis, window, batched, &mut attn);
 
-        dbg(&format!("kqv_out-{layer}"), &attn);
         let mut o = vec![0f32; n * d];
         w.wo.matmul(&attn, n, &mut o);
-        dbg(&format!("attn_out-{layer}"), &o);
         if let Some(pn) = &w.post_attn_norm {
             o.chunks_exact_mut(d).for_each(|r| rms_norm(r, pn, cfg.rms_eps));
         }
         x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 
         h.copy_from_slice(x);
-        dbg(&format!("ffn_inp-{layer}"), x);
         h.chunks_exact_mut(d).for_each(|r| rms_norm(r, &w.ffn_norm, cfg.rms_eps));
-        dbg(&format!("ffn_norm-{layer}"), &h);
         let f = cfg.ffn_dim;
         let mut g = vec![0f32; n * f];
         let mut u = vec![0f32; n * f];
         w.gate_up.apply(&h, n, &mut [&mut g, &mut u]);
-        dbg(&format!("ffn_gate-{layer}"), &g);
-        dbg(&format!("ffn_up-{layer}"), &u);
         match cfg.activation {
             Activation::Silu => ggml_math::silu_mul(&mut g, &u),
             Activation::GeluTanh => g.iter_mut().zip(&u).for_each(|(a, b)| *a = gelu_tanh(*a) * b),
         }
-        dbg(&format!("ffn_swiglu-{layer}"), &g);
         w.w_down.matmul(&g, n, &mut o);
-        dbg(&format!("ffn_out-{layer}"), &o);
         if let Some(pn) = &w.post_ffn_norm {
             o.chunks_exact_mut(d).for_each(|r| rms_norm(r, pn, cfg.rms_eps));
         }
         x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-        dbg(&format!("l_out-{layer}"), x);
     }
 }
 
@@ -603,9 +589,8 @@ fn attention(
         // sequence), so a tree node sees exactly the arithmetic of its path decoded plainly.
         let mut keys: Vec<(usize, usize)> = (lo..base).map(|r| (r, r)).collect();
         match vis {
-            Visibility::Causal => keys.extend(
-                (0..=i).filter(|&j| visible(positions[j] as usize)).map(|j| (base + j, positions[j] as usize)),
-            ),
+            Visibility::Causal => keys
+                .extend((0..=i).filter(|&j| visible(positions[j] as usize)).map(|j| (base + j, positions[j] as usize))),
             Visibility::Tree(lists) => keys.extend(
                 lists[i]
                     .iter()
@@ -715,15 +700,6 @@ impl RopeTables {
                 }
             }
         }
-    }
-}
-
-pub static DBG_STEP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-pub(crate) fn dbg(name: &str, x: &[f32]) {
-    if let Ok(dir) = std::env::var("SS_DUMP") {
-        let step = DBG_STEP.load(std::sync::atomic::Ordering::Relaxed);
-        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
-        std::fs::write(format!("{dir}/s{step:02}_{name}.bin"), bytes).unwrap();
     }
 }
 

@@ -13,8 +13,7 @@
 #![allow(unsafe_op_in_unsafe_fn)]
 
 use crate::avx2::{
-    bits_to_bytes, hsum_epi32, hsum_ps, k4_scales_mins, ld_f16, ld_f16x4, ld128, ld256, q8k_pair_sums,
-    unpack_nibbles16,
+    bits_to_bytes, hsum_epi32, hsum_ps, k4_scales_mins, ld_f16, ld_f16x4, ld128, ld256, q8k_pair_sums, unpack_nibbles16,
 };
 use crate::dot::{TILE_ROWS, TILE_TOKENS, TileKernel, check_row};
 use crate::types::GgmlType;
@@ -593,15 +592,15 @@ macro_rules! kq_tile {
                     if $is_q4k {
                         accs[r][t] = (hsum_epi32(sumi[r][t]) as f32).mul_add(xd[t] * dw, accs[r][t]);
                     } else {
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(xd[t] * dw), _mm256_cvtepi32_ps(sumi[r][t]), acc[r][t]);
+                        acc[r][t] =
+                            _mm256_fmadd_ps(_mm256_set1_ps(xd[t] * dw), _mm256_cvtepi32_ps(sumi[r][t]), acc[r][t]);
                     }
                 }
             }
         }
         for r in 0..$R {
             for t in 0..$T {
-                out[r * TILE_TOKENS + t] =
-                    if $is_q4k { accs[r][t] - accms[r][t] } else { hsum_ps(acc[r][t]) };
+                out[r * TILE_TOKENS + t] = if $is_q4k { accs[r][t] - accms[r][t] } else { hsum_ps(acc[r][t]) };
             }
         }
     }};

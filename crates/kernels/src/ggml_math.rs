@@ -134,7 +134,7 @@ pub fn dot_f16(x: &[f32], y: &[f32]) -> f32 {
 /// [`dot_f16`], as tinyBLAS declines them.
 pub fn dot_f16_batched(x: &[f32], y: &[f32]) -> f32 {
     assert_eq!(x.len(), y.len(), "dot_f16_batched: lengths");
-    if x.len() % 16 != 0 {
+    if !x.len().is_multiple_of(16) {
         return dot_f16(x, y);
     }
     let mut acc = [0f32; 16];
