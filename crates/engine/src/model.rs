@@ -628,17 +628,7 @@ fn attention(
                 *a += p * v;
             }
         }
-        let mut full = [0f32; 64];
-        for (d, o) in o.iter_mut().enumerate() {
-            for sl in 0..slots {
-                full[sl] = acc[sl * hdv + d];
-            }
-            *o = if batched {
-                ggml_math::reduce16(full[..16].try_into().expect("16 slots"))
-            } else {
-                f64::from(ggml_math::reduce_slots(&full)) as f32
-            };
-        }
+        ggml_math::reduce_slot_rows(&acc, slots, width, hdv, o);
     };
     let n_rows = positions.len() * nh;
     let keys = base + positions.len();
@@ -688,16 +678,7 @@ impl RopeTables {
         let half = self.dims / 2;
         for (row, cs_row) in x.chunks_exact_mut(heads * hd).zip(table.chunks_exact(half)) {
             for head in row.chunks_exact_mut(hd) {
-                for (i, &(c, s)) in cs_row.iter().enumerate() {
-                    let (a, b) = match self.style {
-                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-                        RopeStyle::Neox => (i, i + half),
-                    };
-                    let (x0, x1) = (head[a], head[b]);
-                    // ggml's rotation as GCC contracts it: one product rounded, one fused.
-                    head[a] = x0.mul_add(c, -(x1 * s));
-                    head[b] = x0.mul_add(s, x1 * c);
-                }
+                ggml_math::rope_rotate(head, cs_row, self.style == RopeStyle::Neox);
             }
         }
     }

@@ -224,6 +224,22 @@ pub(crate) unsafe fn q8k_pair_sums(xb: *const u8) -> __m256i {
     sum_i16_pairs(ld256(xb.add(260)))
 }
 
+/// Lane totals of 8 vectors at once: lane k of the result is the sum of the lanes of `v[k]`
+/// (exact integers, so the order is free).
+#[inline(always)]
+pub(crate) unsafe fn hsum8x8(v: &[__m256i; 8]) -> __m256i {
+    let h01 = _mm256_hadd_epi32(v[0], v[1]);
+    let h23 = _mm256_hadd_epi32(v[2], v[3]);
+    let h45 = _mm256_hadd_epi32(v[4], v[5]);
+    let h67 = _mm256_hadd_epi32(v[6], v[7]);
+    let h0123 = _mm256_hadd_epi32(h01, h23);
+    let h4567 = _mm256_hadd_epi32(h45, h67);
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256::<0x20>(h0123, h4567),
+        _mm256_permute2x128_si256::<0x31>(h0123, h4567),
+    )
+}
+
 /// Q4_K mins products (lane g: `min_g * sum_g`) folded in pairs as ggml's AVX2 Q4_K kernel
 /// does: its four lanes (pairs 0..4) land in lanes 0, 1, 4, 5, the others are zero.
 #[inline(always)]

@@ -13,7 +13,7 @@
 #![allow(unsafe_op_in_unsafe_fn)]
 
 use crate::avx2::{
-    bits_to_bytes, hsum_epi32, hsum_ps, k4_scales_mins, ld_f16, ld_f16x4, ld128, ld256, q8k_pair_sums, unpack_nibbles16,
+    bits_to_bytes, hsum8x8, hsum_ps, k4_scales_mins, ld_f16, ld_f16x4, ld128, ld256, q8k_pair_sums, unpack_nibbles16,
 };
 use crate::dot::{TILE_ROWS, TILE_TOKENS, TileKernel, check_row};
 use crate::types::GgmlType;
@@ -549,6 +549,8 @@ macro_rules! kq_tile {
             let slot = |r: usize| buf.add((blk * RB + r0 + r) * KS);
             let xblk = |t: usize| x.add(t * xs + blk * 292);
             let mut sumi = [[zero; $T]; $R];
+            let mut pms = [zero; 16];
+            let mut dmins = [0.0f32; $R];
             let mut xd = [0.0f32; $T];
             for t in 0..$T {
                 xd[t] = (xblk(t) as *const f32).read_unaligned();
@@ -558,8 +560,8 @@ macro_rules! kq_tile {
                 let dmin = (slot(r).add(548) as *const f32).read_unaligned();
                 for t in 0..$T {
                     if $is_q4k {
-                        let m = hsum_epi32(_mm256_mullo_epi32(extra, q8k_pair_sums(xblk(t)))) as f32;
-                        accms[r][t] = m.mul_add(xd[t] * dmin, accms[r][t]);
+                        pms[r * $T + t] = _mm256_mullo_epi32(extra, q8k_pair_sums(xblk(t)));
+                        dmins[r] = dmin;
                     } else {
                         // The -32 offset: sum_g sc_g * (-32) * bsum_g.
                         let corr = _mm256_madd_epi16(extra, ld256(xblk(t).add(260)));
@@ -586,12 +588,34 @@ macro_rules! kq_tile {
                     }
                 }
             }
-            for r in 0..$R {
-                let dw = (slot(r).add(544) as *const f32).read_unaligned();
-                for t in 0..$T {
-                    if $is_q4k {
-                        accs[r][t] = (hsum_epi32(sumi[r][t]) as f32).mul_add(xd[t] * dw, accs[r][t]);
-                    } else {
+            if $is_q4k {
+                // Integer totals of every (row, token): products, then mins.
+                let mut v = [zero; 16];
+                for r in 0..$R {
+                    for t in 0..$T {
+                        v[r * $T + t] = sumi[r][t];
+                    }
+                }
+                let mut tot = [0i32; 16];
+                let mut totm = [0i32; 16];
+                for h in 0..($R * $T).div_ceil(8) {
+                    let a: &[__m256i; 8] = v[8 * h..8 * h + 8].try_into().expect("8 vectors");
+                    let m: &[__m256i; 8] = pms[8 * h..8 * h + 8].try_into().expect("8 vectors");
+                    _mm256_storeu_si256(tot.as_mut_ptr().add(8 * h) as *mut __m256i, hsum8x8(a));
+                    _mm256_storeu_si256(totm.as_mut_ptr().add(8 * h) as *mut __m256i, hsum8x8(m));
+                }
+                for r in 0..$R {
+                    let dw = (slot(r).add(544) as *const f32).read_unaligned();
+                    for t in 0..$T {
+                        let k = r * $T + t;
+                        accs[r][t] = (tot[k] as f32).mul_add(xd[t] * dw, accs[r][t]);
+                        accms[r][t] = (totm[k] as f32).mul_add(xd[t] * dmins[r], accms[r][t]);
+                    }
+                }
+            } else {
+                for r in 0..$R {
+                    let dw = (slot(r).add(544) as *const f32).read_unaligned();
+                    for t in 0..$T {
                         acc[r][t] =
                             _mm256_fmadd_ps(_mm256_set1_ps(xd[t] * dw), _mm256_cvtepi32_ps(sumi[r][t]), acc[r][t]);
                     }
@@ -822,17 +846,25 @@ unsafe fn q4k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: u
             s[2 * c] = _mm256_set1_epi16(sc[2 * c] as i16);
             s[2 * c + 1] = _mm256_set1_epi16(sc[2 * c + 1] as i16);
         }
+        // Lanes 0..T: product totals of each token, lanes 4..4+T: mins totals.
+        let mut v = [_mm256_setzero_si256(); 8];
+        let mut xd = [0.0f32; T];
         for t in 0..T {
             let xb = x.add(t * stride + i * 292);
-            let xd = (xb as *const f32).read_unaligned();
-            let m = hsum_epi32(_mm256_mullo_epi32(mins, q8k_pair_sums(xb))) as f32;
-            accm[t] = m.mul_add(xd * dminw, accm[t]);
+            xd[t] = (xb as *const f32).read_unaligned();
+            v[4 + t] = _mm256_mullo_epi32(mins, q8k_pair_sums(xb));
             let mut sumi = _mm256_setzero_si256();
             for j in 0..8 {
                 let p = _mm256_maddubs_epi16(q[j], ld256(xb.add(4 + 32 * j)));
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s[j]));
             }
-            acc[t] = (hsum_epi32(sumi) as f32).mul_add(xd * dw, acc[t]);
+            v[t] = sumi;
+        }
+        let mut tot = [0i32; 8];
+        _mm256_storeu_si256(tot.as_mut_ptr() as *mut __m256i, hsum8x8(&v));
+        for t in 0..T {
+            acc[t] = (tot[t] as f32).mul_add(xd[t] * dw, acc[t]);
+            accm[t] = (tot[4 + t] as f32).mul_add(xd[t] * dminw, accm[t]);
         }
     }
     for t in 0..T {

@@ -112,14 +112,17 @@ pub fn exp_sum(x: &mut [f32], max: f32) -> f64 {
 pub fn dot_f16(x: &[f32], y: &[f32]) -> f32 {
     assert_eq!(x.len(), y.len(), "dot_f16: lengths");
     let n = x.len();
+    #[cfg(target_arch = "x86_64")]
+    if n % 64 == 0 && crate::dot::simd_available() {
+        // SAFETY: AVX2/FMA detected; lengths checked.
+        return unsafe { avx2::dot_f16_64(x, y) };
+    }
     let np = n & !63;
     let mut acc = [0f32; 64];
-    let mut i = 0;
-    while i < np {
-        for (s, a) in acc.iter_mut().enumerate() {
-            *a += x[i + s] * y[i + s];
+    for (xc, yc) in x[..np].chunks_exact(64).zip(y[..np].chunks_exact(64)) {
+        for ((a, &u), &v) in acc.iter_mut().zip(xc).zip(yc) {
+            *a += u * v;
         }
-        i += 64;
     }
     let mut sumf = f64::from(reduce_slots(&acc));
     for k in np..n {
@@ -136,6 +139,11 @@ pub fn dot_f16_batched(x: &[f32], y: &[f32]) -> f32 {
     assert_eq!(x.len(), y.len(), "dot_f16_batched: lengths");
     if !x.len().is_multiple_of(16) {
         return dot_f16(x, y);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::dot::simd_available() {
+        // SAFETY: AVX2/FMA detected; lengths checked.
+        return unsafe { avx2::dot_f16_16(x, y) };
     }
     let mut acc = [0f32; 16];
     for (xc, yc) in x.chunks_exact(16).zip(y.chunks_exact(16)) {
@@ -155,6 +163,72 @@ pub fn reduce_slots(acc: &[f32; 64]) -> f32 {
         x[l] = (acc[l] + acc[32 + l]) + (acc[16 + l] + acc[48 + l]);
     }
     reduce16(&x)
+}
+
+/// Rotate one head by RoPE: pairs `(2i, 2i + 1)` (interleaved) or `(i, i + half)` (NeoX) by
+/// `cs[i] = (cos, sin)`, `half = cs.len()`, as ggml's `rotate_pairs` compiles with GCC's FMA
+/// contraction: `x0' = fma(x0, cos, -(x1 * sin))`, `x1' = fma(x0, sin, x1 * cos)`.
+pub fn rope_rotate(head: &mut [f32], cs: &[(f32, f32)], neox: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::dot::simd_available() {
+        // SAFETY: FMA detected at run time.
+        unsafe { rope_rotate_fma(head, cs, neox) };
+        return;
+    }
+    rope_rotate_body(head, cs, neox);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn rope_rotate_fma(head: &mut [f32], cs: &[(f32, f32)], neox: bool) {
+    rope_rotate_body(head, cs, neox);
+}
+
+#[inline(always)]
+fn rope_rotate_body(head: &mut [f32], cs: &[(f32, f32)], neox: bool) {
+    let half = cs.len();
+    for (i, &(c, s)) in cs.iter().enumerate() {
+        let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+        let (x0, x1) = (head[a], head[b]);
+        head[a] = x0.mul_add(c, -(x1 * s));
+        head[b] = x0.mul_add(s, x1 * c);
+    }
+}
+
+/// Many [`dot_f16`] / [`dot_f16_batched`] reductions at once: `acc` holds `slots` rows of `n`
+/// accumulators (row `s` = slot `s` of each of the `n` dot products; missing slots up to
+/// `width` are zero), `out[j]` receives the reduction of column `j`. `width` is 64
+/// ([`reduce_slots`]) or 16 ([`reduce16`]). Same bits as the one-at-a-time reductions.
+pub fn reduce_slot_rows(acc: &[f32], slots: usize, width: usize, n: usize, out: &mut [f32]) {
+    static ZERO: [f32; 1024] = [0.0; 1024];
+    assert!(width == 16 || width == 64, "reduce_slot_rows: width {width}");
+    assert!(n <= ZERO.len(), "reduce_slot_rows: {n} columns");
+    assert!(slots <= width && acc.len() >= slots * n && out.len() >= n, "reduce_slot_rows: lengths");
+    let row = |sl: usize| if sl < slots { &acc[sl * n..(sl + 1) * n] } else { &ZERO[..n] };
+    for j0 in (0..n).step_by(16) {
+        let w = (n - j0).min(16);
+        let mut x = [[0f32; 16]; 16];
+        for (l, xl) in x.iter_mut().enumerate() {
+            if width == 64 {
+                let (a0, a1, a2, a3) = (&row(l)[j0..], &row(16 + l)[j0..], &row(32 + l)[j0..], &row(48 + l)[j0..]);
+                for jj in 0..w {
+                    xl[jj] = (a0[jj] + a2[jj]) + (a1[jj] + a3[jj]);
+                }
+            } else {
+                xl[..w].copy_from_slice(&row(l)[j0..j0 + w]);
+            }
+        }
+        let mut t3 = [[0f32; 16]; 8];
+        for (i, t) in t3.iter_mut().enumerate() {
+            for jj in 0..16 {
+                t[jj] = x[8 + i][jj] + x[i][jj];
+            }
+        }
+        for jj in 0..w {
+            let t6 = [t3[4][jj] + t3[0][jj], t3[5][jj] + t3[1][jj], t3[6][jj] + t3[2][jj], t3[7][jj] + t3[3][jj]];
+            out[j0 + jj] = (t6[0] + t6[2]) + (t6[1] + t6[3]);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -194,6 +268,45 @@ mod avx2 {
         // NaN lanes: j is NaN, but the power-of-two factors are garbage; keep the NaN.
         let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(n, n);
         _mm256_blendv_ps(res, n, nan)
+    }
+
+    /// [`reduce16`] of the 16 lanes `lo ++ hi`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn reduce16v(lo: __m256, hi: __m256) -> f32 {
+        let t3 = _mm256_add_ps(hi, lo);
+        let t6 = _mm_add_ps(_mm256_extractf128_ps::<1>(t3), _mm256_castps256_ps128(t3));
+        let u = _mm_add_ps(_mm_movehl_ps(t6, t6), t6);
+        _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)))
+    }
+
+    /// [`super::dot_f16`] for a length that is a multiple of 64 (products of f16 values are
+    /// exact, so multiply-then-add equals ggml's FMA).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_f16_64(x: &[f32], y: &[f32]) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (xc, yc) in x.chunks_exact(64).zip(y.chunks_exact(64)) {
+            for (k, a) in acc.iter_mut().enumerate() {
+                let p = _mm256_mul_ps(_mm256_loadu_ps(xc.as_ptr().add(8 * k)), _mm256_loadu_ps(yc.as_ptr().add(8 * k)));
+                *a = _mm256_add_ps(*a, p);
+            }
+        }
+        // Slot s = 8k + lane: lanes 0..8 of x are (a0 + a4) + (a2 + a6), lanes 8..16 (a1 + a5) + (a3 + a7).
+        let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+        let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+        reduce16v(lo, hi)
+    }
+
+    /// [`super::dot_f16_batched`] for a length that is a multiple of 16.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_f16_16(x: &[f32], y: &[f32]) -> f32 {
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (xc, yc) in x.chunks_exact(16).zip(y.chunks_exact(16)) {
+            let (xp, yp) = (xc.as_ptr(), yc.as_ptr());
+            lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(xp), _mm256_loadu_ps(yp)));
+            hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(xp.add(8)), _mm256_loadu_ps(yp.add(8))));
+        }
+        reduce16v(lo, hi)
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -240,6 +353,48 @@ mod tests {
         silu_mul(&mut g, &u);
         for (got, &x) in g.iter().zip(&xs) {
             assert_eq!(got.to_bits(), (x / (1.0 + expf(0.0 - x)) * 1.5).to_bits(), "{x}");
+        }
+    }
+
+    #[test]
+    fn slot_rows_equal_single_reductions() {
+        for (width, slots) in [(64, 64), (64, 23), (16, 16), (16, 5)] {
+            let n = 7;
+            let acc: Vec<f32> = (0..slots * n).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.37).collect();
+            let mut out = vec![0f32; n];
+            reduce_slot_rows(&acc, slots, width, n, &mut out);
+            for j in 0..n {
+                let mut full = [0f32; 64];
+                for s in 0..slots {
+                    full[s] = acc[s * n + j];
+                }
+                let want = if width == 64 { reduce_slots(&full) } else { reduce16(full[..16].try_into().unwrap()) };
+                assert_eq!(out[j].to_bits(), want.to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn dot_f16_simd_equals_generic() {
+        let v = |n: usize, k: f32| -> Vec<f32> {
+            (0..n).map(|i| half::f16::from_f32(((i as f32 + k) * 0.731).sin() * 3.0).to_f32()).collect()
+        };
+        for n in [64, 128, 256, 320] {
+            let (x, y) = (v(n, 0.5), v(n, 7.0));
+            let mut acc = [0f32; 64];
+            for (xc, yc) in x.chunks_exact(64).zip(y.chunks_exact(64)) {
+                for s in 0..64 {
+                    acc[s] += xc[s] * yc[s];
+                }
+            }
+            assert_eq!(dot_f16(&x, &y).to_bits(), reduce_slots(&acc).to_bits(), "{n}");
+            let mut acc16 = [0f32; 16];
+            for (xc, yc) in x.chunks_exact(16).zip(y.chunks_exact(16)) {
+                for l in 0..16 {
+                    acc16[l] += xc[l] * yc[l];
+                }
+            }
+            assert_eq!(dot_f16_batched(&x, &y).to_bits(), reduce16(&acc16).to_bits(), "{n}");
         }
     }
 
