@@ -555,6 +555,13 @@ impl Visibility {
     }
 }
 
+type AttnScratch = (Vec<f32>, Vec<f32>, Vec<bool>);
+
+thread_local! {
+    /// Per-thread attention buffers: masked scores, slot accumulators, filled slots.
+    static SCRATCH: std::cell::Cell<AttnScratch> = const { std::cell::Cell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
 /// Attention of every (row, head) as llama.cpp's CPU backend computes it (f16 K/V cache, no
 /// flash attention). Scores are f16 dot products of the f16-rounded query and keys; the softmax
 /// runs over cache slots `0..hi` with masked slots at -inf, ggml's SIMD `exp`, and a sum per 16
@@ -600,7 +607,10 @@ fn attention(
             ),
         }
         let hi = keys.last().map_or(0, |&(_, kp)| kp + 1);
-        let mut wp = vec![f32::NEG_INFINITY; hi.next_multiple_of(16)];
+        let mut guard = SCRATCH.with(|s| s.take());
+        let (wp, acc, filled) = &mut guard;
+        wp.clear();
+        wp.resize(hi.next_multiple_of(16), f32::NEG_INFINITY);
         let dot = if batched { ggml_math::dot_f16_batched } else { ggml_math::dot_f16 };
         for &(r, kp) in &keys {
             let s = dot(qv, &lkv.k[r * k_dim + kvh * hd..][..hd]);
@@ -611,24 +621,36 @@ fn attention(
             };
         }
         let max = wp.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum = ggml_math::exp_sum(&mut wp, max);
+        let sum = ggml_math::exp_sum(wp, max);
         let inv = (1.0 / sum) as f32;
         // Slot accumulators of the f16 dot products over key positions, per output element:
         // ggml_vec_dot_f16 (slot = position % 64) or, batched, tinyBLAS (position % 16).
         let width = if batched { 16 } else { 64 };
+        // A slot's first product is stored as `0 + p * v` (what accumulating into a zeroed slot
+        // gives), so the buffer needs no clearing.
         let slots = hi.min(width);
-        let mut acc = vec![0f32; slots * hdv];
+        if acc.len() < slots * hdv {
+            acc.resize(slots * hdv, 0.0);
+        }
+        filled.clear();
+        filled.resize(slots, false);
         for &(r, kp) in &keys {
             let p = half::f16::from_f32(wp[kp] * inv).to_f32();
             if p == 0.0 {
                 continue; // adds +-0 to every slot: no change
             }
-            let a = &mut acc[(kp % width) * hdv..][..hdv];
-            for (a, &v) in a.iter_mut().zip(&lkv.v[r * v_dim + kvh * hdv..][..hdv]) {
-                *a += p * v;
+            let sl = kp % width;
+            let a = &mut acc[sl * hdv..][..hdv];
+            let v = &lkv.v[r * v_dim + kvh * hdv..][..hdv];
+            if filled[sl] {
+                a.iter_mut().zip(v).for_each(|(a, &v)| *a += p * v);
+            } else {
+                a.iter_mut().zip(v).for_each(|(a, &v)| *a = 0.0 + p * v);
+                filled[sl] = true;
             }
         }
-        ggml_math::reduce_slot_rows(&acc, slots, width, hdv, o);
+        ggml_math::reduce_slot_rows(acc, filled, width, hdv, o);
+        SCRATCH.with(|s| s.set(guard));
     };
     let n_rows = positions.len() * nh;
     let keys = base + positions.len();

@@ -54,10 +54,10 @@ fn check_tokenizer(model: &str) {
     );
 }
 
-/// Largest logit gap at which we accept that our argmax differs from llama.cpp's token: the two
-/// implementations sum floats in different orders and llama.cpp approximates `exp` with its own
-/// polynomial, and these Q4 models amplify 1-ulp differences to a few tenths of a logit (running
-/// our own scalar kernels instead of AVX2 moves logits by as much). See docs/BENCHMARKS.md.
+/// Largest logit gap at which we accept that our argmax differs from llama.cpp's token. Our
+/// one-token arithmetic is llama.cpp's, but llama.cpp computes a prompt batch in another
+/// summation order (which we do not follow, to stay batch-invariant), and these Q4 models amplify
+/// the resulting 1-ulp differences to a few tenths of a logit. See docs/BENCHMARKS.md.
 const NEAR_TIE_LOGITS: f32 = 0.75;
 
 /// Greedy decoding vs llama.cpp, two ways:

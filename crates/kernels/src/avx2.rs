@@ -234,10 +234,7 @@ pub(crate) unsafe fn hsum8x8(v: &[__m256i; 8]) -> __m256i {
     let h67 = _mm256_hadd_epi32(v[6], v[7]);
     let h0123 = _mm256_hadd_epi32(h01, h23);
     let h4567 = _mm256_hadd_epi32(h45, h67);
-    _mm256_add_epi32(
-        _mm256_permute2x128_si256::<0x20>(h0123, h4567),
-        _mm256_permute2x128_si256::<0x31>(h0123, h4567),
-    )
+    _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(h0123, h4567), _mm256_permute2x128_si256::<0x31>(h0123, h4567))
 }
 
 /// Q4_K mins products (lane g: `min_g * sum_g`) folded in pairs as ggml's AVX2 Q4_K kernel

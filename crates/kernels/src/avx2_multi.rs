@@ -13,7 +13,7 @@
 #![allow(unsafe_op_in_unsafe_fn)]
 
 use crate::avx2::{
-    bits_to_bytes, hsum8x8, hsum_ps, k4_scales_mins, ld_f16, ld_f16x4, ld128, ld256, q8k_pair_sums, unpack_nibbles16,
+    bits_to_bytes, hsum_ps, hsum8x8, k4_scales_mins, ld_f16, ld_f16x4, ld128, ld256, q8k_pair_sums, unpack_nibbles16,
 };
 use crate::dot::{TILE_ROWS, TILE_TOKENS, TileKernel, check_row};
 use crate::types::GgmlType;

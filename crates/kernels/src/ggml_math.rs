@@ -113,7 +113,7 @@ pub fn dot_f16(x: &[f32], y: &[f32]) -> f32 {
     assert_eq!(x.len(), y.len(), "dot_f16: lengths");
     let n = x.len();
     #[cfg(target_arch = "x86_64")]
-    if n % 64 == 0 && crate::dot::simd_available() {
+    if n.is_multiple_of(64) && crate::dot::simd_available() {
         // SAFETY: AVX2/FMA detected; lengths checked.
         return unsafe { avx2::dot_f16_64(x, y) };
     }
@@ -195,16 +195,18 @@ fn rope_rotate_body(head: &mut [f32], cs: &[(f32, f32)], neox: bool) {
     }
 }
 
-/// Many [`dot_f16`] / [`dot_f16_batched`] reductions at once: `acc` holds `slots` rows of `n`
-/// accumulators (row `s` = slot `s` of each of the `n` dot products; missing slots up to
-/// `width` are zero), `out[j]` receives the reduction of column `j`. `width` is 64
-/// ([`reduce_slots`]) or 16 ([`reduce16`]). Same bits as the one-at-a-time reductions.
-pub fn reduce_slot_rows(acc: &[f32], slots: usize, width: usize, n: usize, out: &mut [f32]) {
+/// Many [`dot_f16`] / [`dot_f16_batched`] reductions at once: `acc` holds rows of `n`
+/// accumulators (row `s` = slot `s` of each of the `n` dot products), `filled[s]` says whether
+/// row `s` holds values (other slots, and those from `filled.len()` up to `width`, are zero);
+/// `out[j]` receives the reduction of column `j`. `width` is 64 ([`reduce_slots`]) or 16
+/// ([`reduce16`]). Same bits as the one-at-a-time reductions.
+pub fn reduce_slot_rows(acc: &[f32], filled: &[bool], width: usize, n: usize, out: &mut [f32]) {
     static ZERO: [f32; 1024] = [0.0; 1024];
+    let slots = filled.len();
     assert!(width == 16 || width == 64, "reduce_slot_rows: width {width}");
     assert!(n <= ZERO.len(), "reduce_slot_rows: {n} columns");
     assert!(slots <= width && acc.len() >= slots * n && out.len() >= n, "reduce_slot_rows: lengths");
-    let row = |sl: usize| if sl < slots { &acc[sl * n..(sl + 1) * n] } else { &ZERO[..n] };
+    let row = |sl: usize| if sl < slots && filled[sl] { &acc[sl * n..(sl + 1) * n] } else { &ZERO[..n] };
     for j0 in (0..n).step_by(16) {
         let w = (n - j0).min(16);
         let mut x = [[0f32; 16]; 16];
@@ -362,7 +364,7 @@ mod tests {
             let n = 7;
             let acc: Vec<f32> = (0..slots * n).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.37).collect();
             let mut out = vec![0f32; n];
-            reduce_slot_rows(&acc, slots, width, n, &mut out);
+            reduce_slot_rows(&acc, &vec![true; slots], width, n, &mut out);
             for j in 0..n {
                 let mut full = [0f32; 64];
                 for s in 0..slots {
