@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use specswarm_kernels::{QMatrix, ggml_math};
+use specswarm_kernels::{QMatrix, axpy_f32, ggml_math};
 use specswarm_proto::limits;
 
 use crate::config::{Activation, ModelConfig, RopeStyle};
@@ -626,8 +626,7 @@ fn attention(
         // Slot accumulators of the f16 dot products over key positions, per output element:
         // ggml_vec_dot_f16 (slot = position % 64) or, batched, tinyBLAS (position % 16).
         let width = if batched { 16 } else { 64 };
-        // A slot's first product is stored as `0 + p * v` (what accumulating into a zeroed slot
-        // gives), so the buffer needs no clearing.
+        // Slots are cleared when first used (at most `keys` of them).
         let slots = hi.min(width);
         if acc.len() < slots * hdv {
             acc.resize(slots * hdv, 0.0);
@@ -642,12 +641,12 @@ fn attention(
             let sl = kp % width;
             let a = &mut acc[sl * hdv..][..hdv];
             let v = &lkv.v[r * v_dim + kvh * hdv..][..hdv];
-            if filled[sl] {
-                a.iter_mut().zip(v).for_each(|(a, &v)| *a += p * v);
-            } else {
-                a.iter_mut().zip(v).for_each(|(a, &v)| *a = 0.0 + p * v);
+            if !filled[sl] {
+                a.fill(0.0);
                 filled[sl] = true;
             }
+            // An FMA equals ggml's add of the (exact) f16 x f16 product.
+            axpy_f32(p, v, a);
         }
         ggml_math::reduce_slot_rows(acc, filled, width, hdv, o);
         SCRATCH.with(|s| s.set(guard));
