@@ -207,6 +207,16 @@ pub fn reduce_slot_rows(acc: &[f32], filled: &[bool], width: usize, n: usize, ou
     assert!(n <= ZERO.len(), "reduce_slot_rows: {n} columns");
     assert!(slots <= width && acc.len() >= slots * n && out.len() >= n, "reduce_slot_rows: lengths");
     let row = |sl: usize| if sl < slots && filled[sl] { &acc[sl * n..(sl + 1) * n] } else { &ZERO[..n] };
+    #[cfg(target_arch = "x86_64")]
+    if crate::dot::simd_available() {
+        let mut rows = [&ZERO[..n]; 64];
+        for (sl, r) in rows.iter_mut().enumerate().take(width) {
+            *r = row(sl);
+        }
+        // SAFETY: AVX2 detected; every row holds n values.
+        unsafe { avx2::reduce_rows(&rows, width, n, out) };
+        return;
+    }
     for j0 in (0..n).step_by(16) {
         let w = (n - j0).min(16);
         let mut x = [[0f32; 16]; 16];
@@ -282,15 +292,18 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)))
     }
 
-    /// [`super::dot_f16`] for a length that is a multiple of 64 (products of f16 values are
-    /// exact, so multiply-then-add equals ggml's FMA).
+    /// [`super::dot_f16`] for a length that is a multiple of 64 (ggml's FMAs; products of f16
+    /// values are exact in f32, so this also equals the scalar multiply-then-add).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_f16_64(x: &[f32], y: &[f32]) -> f32 {
         let mut acc = [_mm256_setzero_ps(); 8];
         for (xc, yc) in x.chunks_exact(64).zip(y.chunks_exact(64)) {
             for (k, a) in acc.iter_mut().enumerate() {
-                let p = _mm256_mul_ps(_mm256_loadu_ps(xc.as_ptr().add(8 * k)), _mm256_loadu_ps(yc.as_ptr().add(8 * k)));
-                *a = _mm256_add_ps(*a, p);
+                *a = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(xc.as_ptr().add(8 * k)),
+                    _mm256_loadu_ps(yc.as_ptr().add(8 * k)),
+                    *a,
+                );
             }
         }
         // Slot s = 8k + lane: lanes 0..8 of x are (a0 + a4) + (a2 + a6), lanes 8..16 (a1 + a5) + (a3 + a7).
@@ -305,10 +318,51 @@ mod avx2 {
         let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         for (xc, yc) in x.chunks_exact(16).zip(y.chunks_exact(16)) {
             let (xp, yp) = (xc.as_ptr(), yc.as_ptr());
-            lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(xp), _mm256_loadu_ps(yp)));
-            hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(xp.add(8)), _mm256_loadu_ps(yp.add(8))));
+            lo = _mm256_fmadd_ps(_mm256_loadu_ps(xp), _mm256_loadu_ps(yp), lo);
+            hi = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(8)), _mm256_loadu_ps(yp.add(8)), hi);
         }
         reduce16v(lo, hi)
+    }
+
+    /// The column-wise slot reductions of `reduce_slot_rows`, 8 columns at a time.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn reduce_rows(rows: &[&[f32]; 64], width: usize, n: usize, out: &mut [f32]) {
+        let mut j = 0;
+        while j < n {
+            let w = (n - j).min(8);
+            let ld = |sl: usize| -> __m256 {
+                if w == 8 {
+                    _mm256_loadu_ps(rows[sl].as_ptr().add(j))
+                } else {
+                    let mut t = [0f32; 8];
+                    t[..w].copy_from_slice(&rows[sl][j..j + w]);
+                    _mm256_loadu_ps(t.as_ptr())
+                }
+            };
+            let mut x = [_mm256_setzero_ps(); 16];
+            for (l, xl) in x.iter_mut().enumerate() {
+                *xl = if width == 64 {
+                    _mm256_add_ps(_mm256_add_ps(ld(l), ld(32 + l)), _mm256_add_ps(ld(16 + l), ld(48 + l)))
+                } else {
+                    ld(l)
+                };
+            }
+            let mut t3 = [_mm256_setzero_ps(); 8];
+            for i in 0..8 {
+                t3[i] = _mm256_add_ps(x[8 + i], x[i]);
+            }
+            let t6 = [
+                _mm256_add_ps(t3[4], t3[0]),
+                _mm256_add_ps(t3[5], t3[1]),
+                _mm256_add_ps(t3[6], t3[2]),
+                _mm256_add_ps(t3[7], t3[3]),
+            ];
+            let r = _mm256_add_ps(_mm256_add_ps(t6[0], t6[2]), _mm256_add_ps(t6[1], t6[3]));
+            let mut t = [0f32; 8];
+            _mm256_storeu_ps(t.as_mut_ptr(), r);
+            out[j..j + w].copy_from_slice(&t[..w]);
+            j += w;
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -361,7 +415,7 @@ mod tests {
     #[test]
     fn slot_rows_equal_single_reductions() {
         for (width, slots) in [(64, 64), (64, 23), (16, 16), (16, 5)] {
-            let n = 7;
+            let n = 13;
             let acc: Vec<f32> = (0..slots * n).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.37).collect();
             let mut out = vec![0f32; n];
             reduce_slot_rows(&acc, &vec![true; slots], width, n, &mut out);
