@@ -67,6 +67,9 @@ pub struct ModelConfig {
     pub activation: Activation,
     /// Multiplier applied to attention scores (1/sqrt(head_dim) unless the architecture says otherwise).
     pub attn_scale: f32,
+    /// Apply `attn_scale` to the query (after RoPE, before it is rounded to f16) rather than to
+    /// the scores, as llama.cpp's gemma3 graph does (it differs where f16 rounding is inexact).
+    pub scale_query: bool,
     pub attn_softcap: Option<f32>,
     pub final_softcap: Option<f32>,
 }
@@ -153,6 +156,7 @@ impl ModelConfig {
             embed_scale: gemma.then(|| (d_model as f32).sqrt()),
             activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
             attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            scale_query: gemma,
             attn_softcap: file.get(&key("attn_logit_softcapping")).and_then(MetaValue::as_f64).map(|v| v as f32),
             final_softcap: file.get(&key("final_logit_softcapping")).and_then(MetaValue::as_f64).map(|v| v as f32),
             arch_name,

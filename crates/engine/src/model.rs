@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use specswarm_kernels::{QMatrix, axpy_f32, dot_f32};
+use specswarm_kernels::{QMatrix, axpy_f32, ggml_math};
 use specswarm_proto::limits;
 
 use crate::config::{Activation, ModelConfig, RopeStyle};
@@ -113,6 +113,12 @@ pub struct LoadOptions {
     /// Also load the final norm and LM head when the slice does not end at the last layer: the
     /// target's own first K layers then form a self-draft model.
     pub with_head: bool,
+    /// Compute the attention of a prompt prefill (a causal batch of 2+ rows on an empty cache)
+    /// in the summation order of llama.cpp's batched f16 GEMM, as llama.cpp does, instead of
+    /// the one-token order. Off by default: with it, the logits of a prefill no longer equal
+    /// those of the same tokens decoded one by one (batch invariance holds from position 1 on
+    /// only); speculative verification is unaffected (it never starts at position 0).
+    pub llama_cpp_prefill: bool,
 }
 
 pub struct ModelSlice {
@@ -123,6 +129,7 @@ pub struct ModelSlice {
     output_norm: Option<Vec<f32>>,
     lm_head: Option<QMatrix>,
     rope_factors: Option<Vec<f32>>,
+    llama_cpp_prefill: bool,
     pool: Arc<rayon::ThreadPool>,
 }
 
@@ -200,6 +207,7 @@ impl ModelSlice {
             output_norm,
             lm_head,
             rope_factors,
+            llama_cpp_prefill: opts.llama_cpp_prefill,
             pool: Arc::new(pool),
         })
     }
@@ -362,11 +370,15 @@ impl ModelSlice {
         rope.apply(table, &mut lkv.k[base * k_dim..], cfg.n_kv_heads, hd);
         round_f16(&mut lkv.k[base * k_dim..]);
         round_f16(&mut lkv.v[base * v_dim..]);
+        if cfg.scale_query {
+            q.iter_mut().for_each(|v| *v *= cfg.attn_scale);
+        }
         round_f16(&mut q);
 
         let mut attn = vec![0f32; n * cfg.n_heads * cfg.head_dim_v];
         let window = if sliding { cfg.sliding_window } else { None };
-        attention(cfg, &q, lkv, base, positions, vis, window, &mut attn);
+        let batched = self.llama_cpp_prefill && matches!(vis, Visibility::Causal) && base == 0 && n >= 2;
+        attention(cfg, &q, lkv, base, positions, vis, window, batched, &mut attn);
 
         let mut o = vec![0f32; n * d];
         w.wo.matmul(&attn, n, &mut o);
@@ -382,7 +394,7 @@ impl ModelSlice {
         let mut u = vec![0f32; n * f];
         w.gate_up.apply(&h, n, &mut [&mut g, &mut u]);
         match cfg.activation {
-            Activation::Silu => g.iter_mut().zip(&u).for_each(|(a, b)| *a = silu(*a) * b),
+            Activation::Silu => ggml_math::silu_mul(&mut g, &u),
             Activation::GeluTanh => g.iter_mut().zip(&u).for_each(|(a, b)| *a = gelu_tanh(*a) * b),
         }
         w.w_down.matmul(&g, n, &mut o);
@@ -543,6 +555,20 @@ impl Visibility {
     }
 }
 
+type AttnScratch = (Vec<f32>, Vec<f32>, Vec<bool>);
+
+thread_local! {
+    /// Per-thread attention buffers: masked scores, slot accumulators, filled slots.
+    static SCRATCH: std::cell::Cell<AttnScratch> = const { std::cell::Cell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// Attention of every (row, head) as llama.cpp's CPU backend computes it (f16 K/V cache, no
+/// flash attention). Scores are f16 dot products of the f16-rounded query and keys; the softmax
+/// runs over cache slots `0..hi` with masked slots at -inf, ggml's SIMD `exp`, and a sum per 16
+/// slots into an f64; probabilities are rounded to f16 and each output element is again an f16
+/// dot product over the slots (V transposed). The f16 dot products follow `ggml_vec_dot_f16`
+/// (one-token order) or, with `batched`, llamafile's tinyBLAS (see
+/// [`LoadOptions::llama_cpp_prefill`]).
 #[allow(clippy::too_many_arguments)]
 fn attention(
     cfg: &ModelConfig,
@@ -552,6 +578,7 @@ fn attention(
     positions: &[u32],
     vis: &Visibility,
     window: Option<usize>,
+    batched: bool,
     out: &mut [f32],
 ) {
     let (nh, hd, hdv) = (cfg.n_heads, cfg.head_dim, cfg.head_dim_v);
@@ -564,35 +591,65 @@ fn attention(
         let p = positions[i] as usize;
         let visible = |kp: usize| window.is_none_or(|w| p - kp < w);
         let lo = window.map_or(0, |w| (p + 1).saturating_sub(w)).min(base);
-        let mut rows: Vec<usize> = (lo..base).collect();
+        // (cache row, position) of every visible key, in ascending position. Softmax slots and
+        // dot-product lanes follow the key's position (llama.cpp's cache cell of a single
+        // sequence), so a tree node sees exactly the arithmetic of its path decoded plainly.
+        let mut keys: Vec<(usize, usize)> = (lo..base).map(|r| (r, r)).collect();
         match vis {
-            Visibility::Causal => rows.extend((0..=i).filter(|&j| visible(positions[j] as usize)).map(|j| base + j)),
-            Visibility::Tree(lists) => rows.extend(
-                lists[i].iter().filter(|&&j| visible(positions[j as usize] as usize)).map(|&j| base + j as usize),
+            Visibility::Causal => keys
+                .extend((0..=i).filter(|&j| visible(positions[j] as usize)).map(|j| (base + j, positions[j] as usize))),
+            Visibility::Tree(lists) => keys.extend(
+                lists[i]
+                    .iter()
+                    .map(|&j| j as usize)
+                    .filter(|&j| visible(positions[j] as usize))
+                    .map(|j| (base + j, positions[j] as usize)),
             ),
         }
-        let mut scores: Vec<f32> = rows
-            .iter()
-            .map(|&r| {
-                let s = dot_f32(qv, &lkv.k[r * k_dim + kvh * hd..][..hd]) * cfg.attn_scale;
-                match cfg.attn_softcap {
-                    Some(c) => (s / c).tanh() * c,
-                    None => s,
-                }
-            })
-            .collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f64;
-        for s in &mut scores {
-            *s = (*s - max).exp();
-            sum += f64::from(*s);
+        let hi = keys.last().map_or(0, |&(_, kp)| kp + 1);
+        let mut guard = SCRATCH.with(|s| s.take());
+        let (wp, acc, filled) = &mut guard;
+        wp.clear();
+        wp.resize(hi.next_multiple_of(16), f32::NEG_INFINITY);
+        let dot = if batched { ggml_math::dot_f16_batched } else { ggml_math::dot_f16 };
+        for &(r, kp) in &keys {
+            let s = dot(qv, &lkv.k[r * k_dim + kvh * hd..][..hd]);
+            let s = if cfg.scale_query { s } else { s * cfg.attn_scale };
+            wp[kp] = match cfg.attn_softcap {
+                Some(c) => (s / c).tanh() * c,
+                None => s,
+            };
         }
+        let max = wp.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum = ggml_math::exp_sum(wp, max);
         let inv = (1.0 / sum) as f32;
-        o.fill(0.0);
-        for (&r, &s) in rows.iter().zip(&scores) {
-            let p = half::f16::from_f32(s * inv).to_f32();
-            axpy_f32(p, &lkv.v[r * v_dim + kvh * hdv..][..hdv], o);
+        // Slot accumulators of the f16 dot products over key positions, per output element:
+        // ggml_vec_dot_f16 (slot = position % 64) or, batched, tinyBLAS (position % 16).
+        let width = if batched { 16 } else { 64 };
+        // Slots are cleared when first used (at most `keys` of them).
+        let slots = hi.min(width);
+        if acc.len() < slots * hdv {
+            acc.resize(slots * hdv, 0.0);
         }
+        filled.clear();
+        filled.resize(slots, false);
+        for &(r, kp) in &keys {
+            let p = half::f16::from_f32(wp[kp] * inv).to_f32();
+            if p == 0.0 {
+                continue; // adds +-0 to every slot: no change
+            }
+            let sl = kp % width;
+            let a = &mut acc[sl * hdv..][..hdv];
+            let v = &lkv.v[r * v_dim + kvh * hdv..][..hdv];
+            if !filled[sl] {
+                a.fill(0.0);
+                filled[sl] = true;
+            }
+            // An FMA equals ggml's add of the (exact) f16 x f16 product.
+            axpy_f32(p, v, a);
+        }
+        ggml_math::reduce_slot_rows(acc, filled, width, hdv, o);
+        SCRATCH.with(|s| s.set(guard));
     };
     let n_rows = positions.len() * nh;
     let keys = base + positions.len();
@@ -642,15 +699,7 @@ impl RopeTables {
         let half = self.dims / 2;
         for (row, cs_row) in x.chunks_exact_mut(heads * hd).zip(table.chunks_exact(half)) {
             for head in row.chunks_exact_mut(hd) {
-                for (i, &(c, s)) in cs_row.iter().enumerate() {
-                    let (a, b) = match self.style {
-                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-                        RopeStyle::Neox => (i, i + half),
-                    };
-                    let (x0, x1) = (head[a], head[b]);
-                    head[a] = x0 * c - x1 * s;
-                    head[b] = x0 * s + x1 * c;
-                }
+                ggml_math::rope_rotate(head, cs_row, self.style == RopeStyle::Neox);
             }
         }
     }
@@ -672,10 +721,6 @@ pub(crate) fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
     let mean = (ss / x.len() as f64) as f32;
     let scale = 1.0 / (mean + eps).sqrt();
     x.iter_mut().zip(w).for_each(|(v, w)| *v = *v * scale * w);
-}
-
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
 }
 
 fn gelu_tanh_exact(x: f32) -> f32 {

@@ -224,6 +224,34 @@ pub(crate) unsafe fn q8k_pair_sums(xb: *const u8) -> __m256i {
     sum_i16_pairs(ld256(xb.add(260)))
 }
 
+/// Lane totals of 8 vectors at once: lane k of the result is the sum of the lanes of `v[k]`
+/// (exact integers, so the order is free).
+#[inline(always)]
+pub(crate) unsafe fn hsum8x8(v: &[__m256i; 8]) -> __m256i {
+    let h01 = _mm256_hadd_epi32(v[0], v[1]);
+    let h23 = _mm256_hadd_epi32(v[2], v[3]);
+    let h45 = _mm256_hadd_epi32(v[4], v[5]);
+    let h67 = _mm256_hadd_epi32(v[6], v[7]);
+    let h0123 = _mm256_hadd_epi32(h01, h23);
+    let h4567 = _mm256_hadd_epi32(h45, h67);
+    _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(h0123, h4567), _mm256_permute2x128_si256::<0x31>(h0123, h4567))
+}
+
+/// Q4_K mins products (lane g: `min_g * sum_g`) folded in pairs as ggml's AVX2 Q4_K kernel
+/// does: its four lanes (pairs 0..4) land in lanes 0, 1, 4, 5, the others are zero.
+#[inline(always)]
+pub(crate) unsafe fn fold_mins(pm: __m256i) -> __m256i {
+    _mm256_hadd_epi32(pm, _mm256_setzero_si256())
+}
+
+/// Horizontal sum of an accumulator of [`fold_mins`] lanes in ggml's order: (m0 + m2) + (m1 + m3).
+#[inline(always)]
+pub(crate) unsafe fn mins_sum(v: __m256) -> f32 {
+    let mut a = [0f32; 8];
+    _mm256_storeu_ps(a.as_mut_ptr(), v);
+    (a[0] + a[4]) + (a[1] + a[5])
+}
+
 /// 8 Q4_K/Q5_K 6-bit (scales, mins) as two i32x8 vectors.
 #[inline(always)]
 pub(crate) unsafe fn k4_scales_mins(s: *const u8) -> ([i32; 8], __m256i) {
@@ -249,7 +277,7 @@ unsafe fn q4k_q8k(nb: usize, w: *const u8, x: *const u8) -> f32 {
         let d = xd * ld_f16(wb);
         let dmin = xd * ld_f16(wb.add(2));
         let (sc, mins) = k4_scales_mins(wb.add(4));
-        let pm = _mm256_mullo_epi32(mins, q8k_pair_sums(xb));
+        let pm = fold_mins(_mm256_mullo_epi32(mins, q8k_pair_sums(xb)));
         accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(pm), accm);
         let mut sumi = _mm256_setzero_si256();
         for c in 0..4 {
@@ -265,7 +293,7 @@ unsafe fn q4k_q8k(nb: usize, w: *const u8, x: *const u8) -> f32 {
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum_ps(acc) - hsum_ps(accm)
+    hsum_ps(acc) - mins_sum(accm)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -524,7 +552,7 @@ unsafe fn hmax_ps(v: __m256) -> f32 {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum_epi32(v: __m256i) -> i32 {
+pub(crate) unsafe fn hsum_epi32(v: __m256i) -> i32 {
     let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
@@ -569,11 +597,6 @@ unsafe fn f16_bits(v: f32) -> u16 {
     _mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT), 0) as u16
 }
 
-#[inline(always)]
-unsafe fn f16_round(v: f32) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(v), _MM_FROUND_TO_NEAREST_INT)))
-}
-
 /// AVX2 twin of the scalar Q8_0 / Q8_1 / Q8_K quantizers (byte-identical output).
 ///
 /// # Safety
@@ -588,14 +611,15 @@ pub(crate) unsafe fn quantize_q8(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
             let (bb, qo) = if ty == GgmlType::Q8_0 { (34, 2) } else { (36, 4) };
             for i in 0..src.len() / 32 {
                 let (sb, ob) = (s.add(32 * i), o.add(bb * i));
-                let d = absmax32(sb) / 127.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let amax = absmax32(sb);
+                let d = amax / 127.0;
+                let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
                 let q = q8_store32(sb, id, ob.add(qo));
                 (ob as *mut u16).write_unaligned(f16_bits(d).to_le());
                 if ty == GgmlType::Q8_1 {
                     let t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
                     let sum = hsum_epi32(t) as f32;
-                    (ob.add(2) as *mut u16).write_unaligned(f16_bits(f16_round(d) * sum).to_le());
+                    (ob.add(2) as *mut u16).write_unaligned(f16_bits(d * sum).to_le());
                 }
             }
         }
@@ -606,8 +630,8 @@ pub(crate) unsafe fn quantize_q8(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
                 for k in 0..8 {
                     amax = amax.max(absmax32(sb.add(32 * k)));
                 }
-                let d = amax / 127.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+                let d = if amax != 0.0 { 1.0 / id } else { 0.0 };
                 (ob as *mut f32).write_unaligned(d);
                 for k in 0..8 {
                     let q = q8_store32(sb.add(32 * k), id, ob.add(4 + 32 * k));

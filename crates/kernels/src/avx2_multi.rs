@@ -13,7 +13,7 @@
 #![allow(unsafe_op_in_unsafe_fn)]
 
 use crate::avx2::{
-    bits_to_bytes, hsum_ps, k4_scales_mins, ld_f16, ld_f16x4, ld128, ld256, q8k_pair_sums, unpack_nibbles16,
+    bits_to_bytes, hsum_ps, hsum8x8, k4_scales_mins, ld_f16, ld_f16x4, ld128, ld256, q8k_pair_sums, unpack_nibbles16,
 };
 use crate::dot::{TILE_ROWS, TILE_TOKENS, TileKernel, check_row};
 use crate::types::GgmlType;
@@ -107,11 +107,10 @@ macro_rules! legacy_prep {
 /// weight rows (`$ws` bytes apart), unpacked here block by block (few tokens); otherwise it is
 /// the working layout of [`legacy_prep!`] (rows from `$r0`) and `$xsc` the token tables.
 ///
-/// Per (row, token) the float work is exactly that of the former one-row kernels, whichever
-/// the source: blocks in groups of four with the scale products `d_w * d_x` of four blocks at
-/// once, one FMA per block into one 8-lane accumulator, tail blocks with scalar scale
-/// products; for `(d, m)` types the `m * s` products summed per lane of four and added at the
-/// end.
+/// Per (row, token) the float work is that of ggml's AVX2 `vec_dot` for the type, whichever the
+/// source: one FMA per block of `d_w * d_x` times the block's eight lane sums into one 8-lane
+/// accumulator, in block order, then its horizontal sum; for `(d, m)` types the `m * s`
+/// products are accumulated with one scalar FMA per block in block order and added last.
 macro_rules! legacy_tile {
     ($vnni:expr, $direct:expr, $R:ident, $T:ident, $nb:expr, $src:expr, $ws:expr, $r0:expr, $x:expr, $xs:expr,
      $xsc:expr, $out:expr, $wbs:expr, $xbs:expr, $xqo:expr, $has_m:expr, $mode:expr, |$wb:ident| $prep:expr) => {{
@@ -134,8 +133,9 @@ macro_rules! legacy_tile {
         let dd = src.wrapping_add(nb * RB * 64) as *const f32;
         let mm = dd.wrapping_add(nb * RB);
         let mut acc = [[_mm256_setzero_ps(); $T]; $R];
-        let mut accm = [[_mm_setzero_ps(); $T]; $R];
-        let mut summ = [[0.0f32; $T]; $R];
+        // `m * s` sums of token t, one lane per row, each lane one FMA per block in block
+        // order (ggml's scalar `summs += m * s`, contracted to an FMA).
+        let mut summ = [_mm_setzero_ps(); $T];
         let mut scs = [[[0.0f32; 4]; $T]; $R];
         // Weight operands of block `blk`: (operand, aux) per row; aux is the VNNI row
         // correction or, for the AVX2 Q8 sign trick, the signed weights.
@@ -244,13 +244,29 @@ macro_rules! legacy_tile {
             for r in 0..$R {
                 wd[r] = wsc4!(r, i);
             }
+            // Weight mins of the four blocks as columns over the rows (a 4 x 4 transpose).
+            let mcol = if $has_m {
+                let mut m = [_mm_setzero_ps(); 4];
+                for r in 0..$R {
+                    m[r] = wd[r].1;
+                }
+                let (t0, t1) = (_mm_unpacklo_ps(m[0], m[1]), _mm_unpacklo_ps(m[2], m[3]));
+                let (t2, t3) = (_mm_unpackhi_ps(m[0], m[1]), _mm_unpackhi_ps(m[2], m[3]));
+                [_mm_movelh_ps(t0, t1), _mm_movehl_ps(t1, t0), _mm_movelh_ps(t2, t3), _mm_movehl_ps(t3, t2)]
+            } else {
+                [_mm_setzero_ps(); 4]
+            };
             for t in 0..$T {
                 let (xd, xm) = xsc4!(t, i);
                 for r in 0..$R {
                     _mm_storeu_ps(scs[r][t].as_mut_ptr(), _mm_mul_ps(wd[r].0, xd));
-                    if $has_m {
-                        accm[r][t] = _mm_add_ps(accm[r][t], _mm_mul_ps(wd[r].1, xm));
-                    }
+                }
+                if $has_m {
+                    let mut sm = summ[t];
+                    sm = _mm_fmadd_ps(mcol[0], _mm_shuffle_ps::<0x00>(xm, xm), sm);
+                    sm = _mm_fmadd_ps(mcol[1], _mm_shuffle_ps::<0x55>(xm, xm), sm);
+                    sm = _mm_fmadd_ps(mcol[2], _mm_shuffle_ps::<0xAA>(xm, xm), sm);
+                    summ[t] = _mm_fmadd_ps(mcol[3], _mm_shuffle_ps::<0xFF>(xm, xm), sm);
                 }
             }
             for k in 0..4 {
@@ -275,33 +291,36 @@ macro_rules! legacy_tile {
                 } else {
                     (*xsc.add(t * xss + i), if $has_m { *xsc.add(t * xss + nb + i) } else { 0.0 })
                 };
+                let mut mw = [0.0f32; 4];
                 for r in 0..$R {
                     let p = _mm256_cvtepi32_ps(isum!(a[r], aux[r], xv, tc));
-                    let (dw, mw) = if $direct {
+                    let dw = if $direct {
                         let wb = src.add(r * ws + i * $wbs);
-                        (ld_f16(wb), if $has_m { ld_f16(wb.add(2)) } else { 0.0 })
+                        if $has_m {
+                            mw[r] = ld_f16(wb.add(2));
+                        }
+                        ld_f16(wb)
                     } else {
                         let o = (r0 + r) * nb + i;
-                        (*dd.add(o), if $has_m { *mm.add(o) } else { 0.0 })
+                        if $has_m {
+                            mw[r] = *mm.add(o);
+                        }
+                        *dd.add(o)
                     };
                     acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), p, acc[r][t]);
-                    if $has_m {
-                        summ[r][t] += mw * sx;
-                    }
+                }
+                if $has_m {
+                    summ[t] = _mm_fmadd_ps(_mm_loadu_ps(mw.as_ptr()), _mm_set1_ps(sx), summ[t]);
                 }
             }
             i += 1;
         }
-        for r in 0..$R {
-            for t in 0..$T {
-                let mut o = hsum_ps(acc[r][t]) + summ[r][t];
-                if $has_m {
-                    let mut m = [0.0f32; 4];
-                    _mm_storeu_ps(m.as_mut_ptr(), accm[r][t]);
-                    // As the former 8-lane horizontal sum with the d products blended out.
-                    o += 0.0 + ((m[0] + m[2]) + (m[1] + m[3]));
-                }
-                out[r * TILE_TOKENS + t] = o;
+        for t in 0..$T {
+            let mut m = [0.0f32; 4];
+            _mm_storeu_ps(m.as_mut_ptr(), summ[t]);
+            for r in 0..$R {
+                // As ggml: horizontal sum of the accumulator, then the `m * s` sum.
+                out[r * TILE_TOKENS + t] = hsum_ps(acc[r][t]) + m[r];
             }
         }
     }};
@@ -513,20 +532,25 @@ macro_rules! q6k_unpack {
 }
 
 /// K-quant tiles (Q4_K, Q6_K): `R` rows of the working layout (from `r0`) x `T` tokens. Per
-/// (row, token) the float work is that of the former one-row kernels: per block one FMA of
-/// `x_d * d` with the exact integer block sum (and for Q4_K one of `x_d * dmin` with the exact
-/// mins sum); the integer sums may be formed in any order.
+/// (row, token) the float work is that of ggml on AVX2: Q6_K as `ggml_vec_dot_q6_K_q8_K` (per
+/// block one 8-lane FMA of `x_d * d` with the exact integer lane sums, lane = byte position / 4
+/// within each 32-byte group), Q4_K as ggml's repacked 8x8 kernels (see `q4k_m`); the integer
+/// sums may be formed in any order.
 macro_rules! kq_tile {
     ($vnni:expr, $is_q4k:expr, $R:ident, $T:ident, $nb:expr, $buf:expr, $r0:expr, $x:expr, $xs:expr, $out:expr) => {{
         let (nb, buf, r0, x, xs, out): (usize, *const u8, usize, *const u8, usize, &mut [f32]) =
             ($nb, $buf, $r0, $x, $xs, $out);
         let zero = _mm256_setzero_si256();
         let mut acc = [[_mm256_setzero_ps(); $T]; $R];
-        let mut accm = [[_mm256_setzero_ps(); $T]; $R];
+        // Q4_K: scalar chains over the blocks' exact integer totals (see `q4k_m`).
+        let mut accs = [[0.0f32; $T]; $R];
+        let mut accms = [[0.0f32; $T]; $R];
         for blk in 0..nb {
             let slot = |r: usize| buf.add((blk * RB + r0 + r) * KS);
             let xblk = |t: usize| x.add(t * xs + blk * 292);
             let mut sumi = [[zero; $T]; $R];
+            let mut pms = [zero; 16];
+            let mut dmins = [0.0f32; $R];
             let mut xd = [0.0f32; $T];
             for t in 0..$T {
                 xd[t] = (xblk(t) as *const f32).read_unaligned();
@@ -536,8 +560,8 @@ macro_rules! kq_tile {
                 let dmin = (slot(r).add(548) as *const f32).read_unaligned();
                 for t in 0..$T {
                     if $is_q4k {
-                        let pm = _mm256_mullo_epi32(extra, q8k_pair_sums(xblk(t)));
-                        accm[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(xd[t] * dmin), _mm256_cvtepi32_ps(pm), accm[r][t]);
+                        pms[r * $T + t] = _mm256_mullo_epi32(extra, q8k_pair_sums(xblk(t)));
+                        dmins[r] = dmin;
                     } else {
                         // The -32 offset: sum_g sc_g * (-32) * bsum_g.
                         let corr = _mm256_madd_epi16(extra, ld256(xblk(t).add(260)));
@@ -564,17 +588,43 @@ macro_rules! kq_tile {
                     }
                 }
             }
-            for r in 0..$R {
-                let dw = (slot(r).add(544) as *const f32).read_unaligned();
-                for t in 0..$T {
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(xd[t] * dw), _mm256_cvtepi32_ps(sumi[r][t]), acc[r][t]);
+            if $is_q4k {
+                // Integer totals of every (row, token): products, then mins.
+                let mut v = [zero; 16];
+                for r in 0..$R {
+                    for t in 0..$T {
+                        v[r * $T + t] = sumi[r][t];
+                    }
+                }
+                let mut tot = [0i32; 16];
+                let mut totm = [0i32; 16];
+                for h in 0..($R * $T).div_ceil(8) {
+                    let a: &[__m256i; 8] = v[8 * h..8 * h + 8].try_into().expect("8 vectors");
+                    let m: &[__m256i; 8] = pms[8 * h..8 * h + 8].try_into().expect("8 vectors");
+                    _mm256_storeu_si256(tot.as_mut_ptr().add(8 * h) as *mut __m256i, hsum8x8(a));
+                    _mm256_storeu_si256(totm.as_mut_ptr().add(8 * h) as *mut __m256i, hsum8x8(m));
+                }
+                for r in 0..$R {
+                    let dw = (slot(r).add(544) as *const f32).read_unaligned();
+                    for t in 0..$T {
+                        let k = r * $T + t;
+                        accs[r][t] = (tot[k] as f32).mul_add(xd[t] * dw, accs[r][t]);
+                        accms[r][t] = (totm[k] as f32).mul_add(xd[t] * dmins[r], accms[r][t]);
+                    }
+                }
+            } else {
+                for r in 0..$R {
+                    let dw = (slot(r).add(544) as *const f32).read_unaligned();
+                    for t in 0..$T {
+                        acc[r][t] =
+                            _mm256_fmadd_ps(_mm256_set1_ps(xd[t] * dw), _mm256_cvtepi32_ps(sumi[r][t]), acc[r][t]);
+                    }
                 }
             }
         }
         for r in 0..$R {
             for t in 0..$T {
-                out[r * TILE_TOKENS + t] =
-                    if $is_q4k { hsum_ps(acc[r][t]) - hsum_ps(accm[r][t]) } else { hsum_ps(acc[r][t]) };
+                out[r * TILE_TOKENS + t] = if $is_q4k { accs[r][t] - accms[r][t] } else { hsum_ps(acc[r][t]) };
             }
         }
     }};
@@ -777,8 +827,11 @@ pub(crate) fn dot_tile_fn(ty: GgmlType) -> Option<TileKernel> {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: usize, out: &mut [f32]) {
-    let mut acc = [_mm256_setzero_ps(); T];
-    let mut accm = [_mm256_setzero_ps(); T];
+    // As ggml's repacked Q4_K kernels (gemv/gemm 8x8, used for Q4_K on AVX2): per block the
+    // exact integer totals of the scaled products and of the mins, then one scalar FMA each
+    // with `d_w * d_x` and `dmin_w * d_x`; the result is the difference of the two chains.
+    let mut acc = [0.0f32; T];
+    let mut accm = [0.0f32; T];
     let m4 = _mm256_set1_epi8(0x0F);
     for i in 0..nb {
         let wb = w.add(i * 144);
@@ -793,21 +846,29 @@ unsafe fn q4k_m<const T: usize>(nb: usize, w: *const u8, x: *const u8, stride: u
             s[2 * c] = _mm256_set1_epi16(sc[2 * c] as i16);
             s[2 * c + 1] = _mm256_set1_epi16(sc[2 * c + 1] as i16);
         }
+        // Lanes 0..T: product totals of each token, lanes 4..4+T: mins totals.
+        let mut v = [_mm256_setzero_si256(); 8];
+        let mut xd = [0.0f32; T];
         for t in 0..T {
             let xb = x.add(t * stride + i * 292);
-            let xd = (xb as *const f32).read_unaligned();
-            let pm = _mm256_mullo_epi32(mins, q8k_pair_sums(xb));
-            accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(xd * dminw), _mm256_cvtepi32_ps(pm), accm[t]);
+            xd[t] = (xb as *const f32).read_unaligned();
+            v[4 + t] = _mm256_mullo_epi32(mins, q8k_pair_sums(xb));
             let mut sumi = _mm256_setzero_si256();
             for j in 0..8 {
                 let p = _mm256_maddubs_epi16(q[j], ld256(xb.add(4 + 32 * j)));
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s[j]));
             }
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xd * dw), _mm256_cvtepi32_ps(sumi), acc[t]);
+            v[t] = sumi;
+        }
+        let mut tot = [0i32; 8];
+        _mm256_storeu_si256(tot.as_mut_ptr() as *mut __m256i, hsum8x8(&v));
+        for t in 0..T {
+            acc[t] = (tot[t] as f32).mul_add(xd[t] * dw, acc[t]);
+            accm[t] = (tot[4 + t] as f32).mul_add(xd[t] * dminw, accm[t]);
         }
     }
     for t in 0..T {
-        out[t] = hsum_ps(acc[t]) - hsum_ps(accm[t]);
+        out[t] = acc[t] - accm[t];
     }
 }
 

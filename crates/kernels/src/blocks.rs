@@ -447,7 +447,8 @@ fn q_q5_1(x: &[f32], b: &mut [u8]) {
 fn q8_block(x: &[f32], qs: &mut [u8]) -> (f32, i32) {
     let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    // ggml multiplies by 127 / amax (not 1 / d): the two differ by an ulp for some amax.
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let mut sum = 0i32;
     for (o, &v) in qs.iter_mut().zip(x) {
         let q = (v * id).round_ties_even() as i32;
@@ -465,14 +466,16 @@ fn q_q8_0(x: &[f32], b: &mut [u8]) {
 fn q_q8_1(x: &[f32], b: &mut [u8]) {
     let (d, sum) = q8_block(x, &mut b[4..36]);
     wr_f16(b, 0, d);
-    // s uses the stored (f16-rounded) d so that s == sum of the dequantized values.
-    wr_f16(b, 2, f16::from_f32(d).to_f32() * sum as f32);
+    // s = d * sum with the unrounded d, as ggml computes it.
+    wr_f16(b, 2, d * sum as f32);
 }
 
 fn q_q8k(x: &[f32], b: &mut [u8]) {
     let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-    let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    // As ggml (up to a sign flip of d and every q, which leaves all products unchanged):
+    // multiplier 127 / amax, d = 1 / multiplier.
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let d = if amax != 0.0 { 1.0 / id } else { 0.0 };
     b[0..4].copy_from_slice(&d.to_le_bytes());
     let mut sums = [0i32; 16];
     for (j, &v) in x.iter().enumerate() {

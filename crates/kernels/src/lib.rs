@@ -8,6 +8,7 @@
 //!   picked at run time on x86-64 (scalar reference: [`vec_dot_scalar`]).
 //! * [`QMatrix`]: a quantized weight matrix with a tiled, rayon-parallel matmul.
 //! * [`dot_f32`] / [`axpy_f32`]: f32 helpers for attention.
+//! * [`ggml_math`]: softmax, SwiGLU and f16 dot products in llama.cpp's exact operation order.
 //!
 //! SIMD: on x86-64 with AVX2+FMA+F16C (detected once at run time, see [`simd_available`];
 //! the environment variable `SPECSWARM_KERNELS_NO_SIMD` forces scalar) every weight type has
@@ -16,9 +17,11 @@
 //! `n_tokens > 1`. Activation quantization to Q8_0/Q8_1/Q8_K inside the matmul is AVX2 too
 //! and byte-identical to [`quantize_row`].
 //!
-//! Q8_K activations use `d = amax / 127` (positive) with round-half-to-even; Q8_1's `s` is
-//! computed from the f16-rounded `d`. Both are internal formats (never read from files), so the
-//! choices only need to be self-consistent.
+//! Activation quantization follows ggml's x86 code so that results match llama.cpp bit for bit:
+//! Q8_0/Q8_1 multiply by `127 / amax` and round half to even, Q8_1's `s` is `d * sum(q)` with the
+//! unrounded `d`, Q8_K's scale is `1 / (127 / amax)` (ggml's is the same up to a sign flip of the
+//! scale and every quant, which leaves all products unchanged). The tile kernels reproduce the
+//! float operation order of ggml's AVX2 dot products (Q4_K: of its repacked 8x8 gemv).
 //!
 //! # CUDA (optional, feature `cuda`)
 //!
@@ -51,6 +54,7 @@ mod blocks;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod dot;
+pub mod ggml_math;
 mod matmul;
 mod types;
 

@@ -24,7 +24,8 @@ pub struct ModelDrafter {
 impl ModelDrafter {
     /// A separate draft model; its vocabulary must be the target's.
     pub fn from_file(path: &Path, target_vocab: usize, threads: usize) -> Result<ModelDrafter, SpecError> {
-        let model = ModelSlice::load(path, &LoadOptions { layers: None, threads, with_head: true })?;
+        let model =
+            ModelSlice::load(path, &LoadOptions { layers: None, threads, with_head: true, ..Default::default() })?;
         let vocab = model.config().vocab_size;
         if vocab != target_vocab {
             return Err(SpecError::VocabularyMismatch { draft: vocab, target: target_vocab });
@@ -44,7 +45,10 @@ impl ModelDrafter {
                 "self-draft needs 1 <= K < {n_layers} (the target's layer count), got K = {k}"
             )));
         }
-        let model = ModelSlice::load(target_path, &LoadOptions { layers: Some(0..k), threads, with_head: true })?;
+        let model = ModelSlice::load(
+            target_path,
+            &LoadOptions { layers: Some(0..k), threads, with_head: true, ..Default::default() },
+        )?;
         Ok(Self::new(format!("self:{k}"), model))
     }
 
