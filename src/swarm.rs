@@ -19,7 +19,7 @@ use specswarm_net::tcp::serve;
 
 use crate::cli::WorkerArgs;
 
-fn parse_layers(s: &str, n_layers: usize) -> Result<std::ops::Range<usize>> {
+pub(crate) fn parse_layers(s: &str, n_layers: usize) -> Result<std::ops::Range<usize>> {
     let (a, b) = s.split_once(':').context("--layers takes A:B")?;
     let (a, b): (usize, usize) = (a.parse()?, b.parse()?);
     if a >= b || b > n_layers {
@@ -46,7 +46,8 @@ pub fn worker(args: &WorkerArgs) -> Result<()> {
     let model_id = specswarm_net::model_id(&path)?;
     let limits = StageLimits { sessions_max: args.sessions_max, ..StageLimits::default() };
     let server = StageServer::new(Arc::new(slice), model_id, limits);
-    let listener = TcpListener::bind(&args.listen).with_context(|| format!("binding {}", args.listen))?;
+    let listen = args.listen.first().context("--listen")?;
+    let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
     println!("listening {addr} layers {}:{}", layers.start, layers.end);
     std::io::stdout().flush()?;

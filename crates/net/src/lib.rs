@@ -7,13 +7,15 @@
 //!   [`ring::StageLink`]s, and [`ring::generate_ring`].
 //! - [`direct`]: [`direct::DirectRing`], a ring whose stages forward to each other and whose tail
 //!   answers the client directly.
-//! - [`tcp`]: frames over plain TCP (`specswarm worker` and the demo); libp2p streams next.
+//! - [`node`]: [`node::Node`], a worker's per-session routing (next hop, direct return to the
+//!   client) over any transport that implements [`node::FrameSink`] and [`node::Dialer`].
+//! - [`tcp`]: frames over plain TCP (`specswarm worker --listen ip:port`); the libp2p transport
+//!   lives in `specswarm-p2p`.
 //! - `wan` (Linux): user-space WAN emulation between network namespaces through TUN devices.
 //!
-//! Not yet here (the swarm issue): libp2p transports and discovery, workers forwarding directly
-//! to the next stage and the tail returning to the client, routing, failover.
 
 pub mod direct;
+pub mod node;
 pub mod ring;
 pub mod stage;
 pub mod tcp;
