@@ -118,9 +118,13 @@ pub fn worker(args: &WorkerArgs) -> Result<()> {
     let server = StageServer::new(Arc::new(slice), model_id, limits);
     let stage = specswarm_p2p::stage::serve(&node, server).map_err(anyhow::Error::msg)?;
     // Direct listeners, plus one relayed address per relay (a reservation takes a round trip).
-    let want = listen.len() + relay_via.len();
-    let mut addrs = node.listen_addrs(want, Duration::from_secs(20));
+    let mut addrs = node.listen_addrs(listen.len(), Duration::from_secs(10));
     if !relay_via.is_empty() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !addrs.iter().any(is_relayed) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            addrs = node.listen_addrs(0, Duration::ZERO);
+        }
         addrs.retain(is_relayed); // behind NAT: the direct addresses are not reachable
     }
     addrs.retain(|a| !a.iter().any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_unspecified())));

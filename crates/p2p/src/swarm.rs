@@ -208,9 +208,11 @@ impl P2pNode {
             let _ = swarm.dial(DialOpts::peer_id(peer).addresses(vec![b.clone()]).build());
         }
         for r in &cfg.relay_via {
-            swarm
-                .listen_on(r.clone().with(Protocol::P2pCircuit))
-                .map_err(|e| P2pError::Start(format!("listen via relay {r}: {e}")))?;
+            // Listening through the relay waits for a connection to it (see `run`).
+            let Some(peer) = peer_of(r) else {
+                return Err(P2pError::Start(format!("relay address {r} lacks /p2p/<peer id>")));
+            };
+            let _ = swarm.dial(DialOpts::peer_id(peer).addresses(vec![r.clone()]).build());
         }
         let control = swarm.behaviour().stream.new_control();
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE_MAX);
@@ -318,6 +320,13 @@ async fn run(
     // The address of the first live connection to each peer.
     let mut connected: HashMap<PeerId, Multiaddr> = HashMap::new();
     let mut bootstrap = tokio::time::interval(Duration::from_secs(30));
+    // Relayed listeners: one per relay, (re)opened once the relay is connected and has told us
+    // who we are (identify), retried every tick while missing.
+    let mut relays: Vec<(PeerId, Multiaddr, Option<libp2p::core::transport::ListenerId>)> =
+        cfg.relay_via.iter().filter_map(|r| Some((peer_of(r)?, r.clone(), None))).collect();
+    let mut relay_tick = tokio::time::interval(Duration::from_secs(2));
+    // SPECSWARM_P2P_DEBUG=1 prints every swarm event not handled above (for operators).
+    let debug = std::env::var_os("SPECSWARM_P2P_DEBUG").is_some();
     loop {
         tokio::select! {
             cmd = commands.recv() => {
@@ -380,6 +389,18 @@ async fn run(
             _ = bootstrap.tick() => {
                 let _ = swarm.behaviour_mut().kad.bootstrap();
             }
+            _ = relay_tick.tick(), if !relays.is_empty() => {
+                for (peer, addr, listener) in relays.iter_mut() {
+                    if listener.is_some() {
+                        continue;
+                    }
+                    if swarm.is_connected(peer) {
+                        *listener = swarm.listen_on(addr.clone().with(Protocol::P2pCircuit)).ok();
+                    } else {
+                        let _ = swarm.dial(DialOpts::peer_id(*peer).addresses(vec![addr.clone()]).build());
+                    }
+                }
+            }
             event = swarm.select_next_some() => match event {
                 SwarmEvent::NewListenAddr { address, .. }
                     if cfg.relay_server && !is_unspecified(&address) && !address.iter().any(|p| p == Protocol::P2pCircuit) =>
@@ -413,17 +434,33 @@ async fn run(
                 SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. })) => {
                     rtts.lock().unwrap_or_else(|e| e.into_inner()).insert(peer, rtt);
                 }
-                SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
-                    if info.protocols.contains(&KAD_PROTOCOL) =>
-                {
-                    for a in info.listen_addrs.into_iter().filter(|a| !is_unspecified(a)) {
-                        swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                    for (peer, addr, listener) in relays.iter_mut() {
+                        if *peer == peer_id && listener.is_none() {
+                            *listener = swarm.listen_on(addr.clone().with(Protocol::P2pCircuit)).ok();
+                        }
+                    }
+                    if info.protocols.contains(&KAD_PROTOCOL) {
+                        for a in info.listen_addrs.into_iter().filter(|a| !is_unspecified(a)) {
+                            swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                        }
+                    }
+                }
+                SwarmEvent::ListenerClosed { listener_id, .. } => {
+                    for (_, _, listener) in relays.iter_mut() {
+                        if *listener == Some(listener_id) {
+                            *listener = None;
+                        }
                     }
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. })) => {
                     on_query(&mut swarm, &mut queries, id, result, step.last);
                 }
-                _ => {}
+                other => {
+                    if debug {
+                        eprintln!("p2p: {other:?}");
+                    }
+                }
             }
         }
     }
