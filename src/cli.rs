@@ -32,6 +32,9 @@ pub enum Command {
         /// Number of worker processes (layer slices).
         #[arg(long, default_value_t = 3)]
         workers: usize,
+        /// Plain TCP workers at fixed addresses instead of the libp2p swarm with discovery.
+        #[arg(long)]
+        tcp: bool,
     },
     /// Serve a slice of a model's layers to the swarm.
     Worker(WorkerArgs),

@@ -63,7 +63,7 @@ fn run(cli: Cli) -> Result<()> {
         },
         Command::Generate(args) => cmd_generate(&args),
         Command::Bench { command } => bench::run(command),
-        Command::Demo { max_tokens, workers } => swarm::demo(max_tokens, workers),
+        Command::Demo { max_tokens, workers, tcp } => swarm::demo(max_tokens, workers, tcp),
         Command::Worker(args) if args.listen.iter().any(|a| a.starts_with('/')) => p2p::worker(&args),
         Command::Worker(args) => swarm::worker(&args),
         Command::Bootstrap(args) => p2p::bootstrap(&args),
