@@ -4,8 +4,10 @@
 //!
 //! - 3 workers → greedy output token-identical to single-process generation, both real models,
 //!   10 prompts.
-//! - kill -9 of a random ring member at a random point with spares in the DHT → identical output,
-//!   20 of 20 trials.
+//! - kill -9 (or SIGSTOP: a stall) of a random ring member at a random point with spares in the
+//!   DHT → identical output, 20 of 20 trials.
+//! - bytes that are not frames on a stage stream → an error reply, the stream closed, the worker
+//!   still serving.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -64,6 +66,10 @@ fn bootstrap(home: &Path) -> (Child, Multiaddr) {
 }
 
 fn worker(home: &Path, model: &Path, layers: (usize, usize), bs: &Multiaddr) -> (Child, Multiaddr) {
+    worker_on(home, model, layers, bs, "/ip4/127.0.0.1/tcp/0")
+}
+
+fn worker_on(home: &Path, model: &Path, layers: (usize, usize), bs: &Multiaddr, listen: &str) -> (Child, Multiaddr) {
     // A fresh identity per process (a restarted worker would otherwise reuse its peer id, which
     // the failover test's client has marked dead).
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -80,7 +86,7 @@ fn worker(home: &Path, model: &Path, layers: (usize, usize), bs: &Multiaddr) -> 
             "--layers",
             &format!("{}:{}", layers.0, layers.1),
             "--listen",
-            "/ip4/127.0.0.1/tcp/0",
+            listen,
             "--bootstrap",
             &bs.to_string(),
         ],
@@ -130,7 +136,30 @@ fn greedy(ring: &mut P2pRing, ids: &[u32], n: usize, on_token: &mut dyn FnMut(u3
     (out, stats.failovers)
 }
 
-fn check(name: &str) {
+/// Bytes that are not frames get an error reply and a closed stream; the worker keeps serving.
+fn hostile_streams_get_errors(node: &P2pNode, worker: &Multiaddr) {
+    use futures::AsyncReadExt;
+    use specswarm_p2p::stage::{open_stage_stream, read_frame, start_writer};
+    use specswarm_proto::wire::{ErrorCode, Frame, HEADER_BYTES, Message};
+    let peer = specswarm_p2p::stage::peer_of(worker).unwrap();
+    let rt = node.runtime().clone();
+    let mut header = Frame { session: 1, epoch: 0, seq: 0, message: Message::Close }.encode();
+    header[24..28].copy_from_slice(&u32::MAX.to_le_bytes()); // a 4 GiB payload, never allocated
+    for bad in [b"not a frame at all, definitely not 32 bytes long".to_vec(), header[..HEADER_BYTES].to_vec()] {
+        rt.block_on(async {
+            let (stream, _) = open_stage_stream(node, peer, vec![worker.clone()]).await.unwrap();
+            let (mut r, tx) = start_writer(node.runtime(), stream);
+            tx.send(bad).await.unwrap();
+            let reply = read_frame(&mut r).await.unwrap().unwrap();
+            assert!(matches!(reply.message, Message::Error { code: ErrorCode::Malformed, .. }), "{reply:?}");
+            let mut rest = Vec::new();
+            let _ = r.read_to_end(&mut rest).await; // the worker closes the stream
+            assert!(rest.is_empty());
+        });
+    }
+}
+
+fn check(name: &str, listen: &str) {
     let path = hub::ensure(hub::known(name).unwrap(), &mut |m| eprintln!("{m}")).unwrap();
     let local = ModelSlice::load(&path, &LoadOptions { threads: 1, ..Default::default() }).unwrap();
     let n = local.config().n_layers;
@@ -139,10 +168,14 @@ fn check(name: &str) {
     let (bs_child, bs) = bootstrap(&home);
     procs.0.push(bs_child);
     let cuts = [0, n / 3, 2 * n / 3, n];
+    let mut addrs = Vec::new();
     for w in cuts.windows(2) {
-        procs.0.push(worker(&home, &path, (w[0], w[1]), &bs).0);
+        let (child, addr) = worker_on(&home, &path, (w[0], w[1]), &bs, listen);
+        procs.0.push(child);
+        addrs.push(addr);
     }
     let node = client(&bs);
+    hostile_streams_get_errors(&node, &addrs[1]);
     let model_id = specswarm_net::model_id(&path).unwrap();
     let t = Instant::now();
     let cands = discover_ring(&node, &model_id, n as u32, Duration::from_secs(30));
@@ -164,12 +197,13 @@ fn check(name: &str) {
 
 #[test]
 fn smollm2_three_libp2p_workers_equal_local() {
-    check("smollm2-135m");
+    check("smollm2-135m", "/ip4/127.0.0.1/tcp/0");
 }
 
+/// Over QUIC.
 #[test]
 fn gemma3_three_libp2p_workers_equal_local() {
-    check("gemma3-270m");
+    check("gemma3-270m", "/ip4/127.0.0.1/udp/0/quic-v1");
 }
 
 /// kill -9 a random worker of the ring at a random point mid-generation, with a spare for its
@@ -210,7 +244,8 @@ fn libp2p_failover_after_kill_9_finishes_with_identical_tokens() {
     }
     let node = client(&bs);
     let model_id = specswarm_net::model_id(&path).unwrap();
-    let mut ring = P2pRing::new(node.clone(), model_id, 30, Vec::new(), 100, Duration::from_secs(20));
+    // Replies take milliseconds here; a stage silent for 2 s has stalled.
+    let mut ring = P2pRing::new(node.clone(), model_id, 30, Vec::new(), 100, Duration::from_secs(2));
     let t0 = Instant::now();
     for trial in 0..20 {
         // Wait until every span has two live workers in the DHT (the new spare has published).
@@ -236,23 +271,42 @@ fn libp2p_failover_after_kill_9_finishes_with_identical_tokens() {
         let victim_peer = ring.describe()[victim_stage].0;
         let (victim, _) = by_peer[&victim_peer];
         let mut produced = 0;
+        // Every fifth trial the victim stalls (SIGSTOP) instead of dying: the ring's reply
+        // timeout and the liveness probe find it.
+        let stall = trial % 5 == 4;
         let victim_child = &mut procs.0[victim];
         let t = Instant::now();
         let (got, failovers) = greedy(&mut ring, &ids, max_tokens, &mut |_| {
             produced += 1;
             if produced == kill_at {
-                victim_child.kill().unwrap(); // SIGKILL
-                let _ = victim_child.wait();
+                if stall {
+                    assert!(
+                        Command::new("kill")
+                            .args(["-STOP", &victim_child.id().to_string()])
+                            .status()
+                            .unwrap()
+                            .success()
+                    );
+                } else {
+                    victim_child.kill().unwrap(); // SIGKILL
+                    let _ = victim_child.wait();
+                }
             }
             true
         });
         eprintln!(
-            "trial {trial}: stage {victim_stage} killed after {kill_at} tokens, {failovers} failover, {:.2}s",
+            "trial {trial}: stage {victim_stage} {} after {kill_at} tokens, {failovers} failover, {:.2}s",
+            if stall { "stalled" } else { "killed" },
             t.elapsed().as_secs_f64()
         );
         assert_eq!(got, want, "trial {trial}: stage {victim_stage} killed after {kill_at} tokens");
         assert_eq!(failovers, 1, "trial {trial}: exactly one failover");
         assert!(ring.dead.contains(&victim_peer));
+        if stall {
+            // Detected; now the operator's restart: the frozen process goes away.
+            let _ = procs.0[victim].kill();
+            let _ = procs.0[victim].wait();
+        }
         spawn(&mut procs, &mut by_peer, victim_stage);
     }
     eprintln!("20 trials in {:.1}s", t0.elapsed().as_secs_f64());

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use specswarm_proto::limits::NEXT_HOPS_PER_NODE_MAX;
+use specswarm_proto::limits::{NEXT_HOPS_PER_NODE_MAX, ROUTES_PER_NODE_MAX};
 use specswarm_proto::wire::{ErrorCode, Frame, Message};
 
 use crate::stage::StageServer;
@@ -21,6 +21,11 @@ use crate::stage::StageServer;
 pub trait FrameSink: Send + Sync {
     /// Write (or queue) `frame`; false when the connection is gone.
     fn send(&self, frame: &Frame) -> bool;
+
+    /// Whether the connection may still carry frames (routes of closed ones are pruned).
+    fn is_open(&self) -> bool {
+        true
+    }
 }
 
 /// Reaches next hops by their address string.
@@ -120,7 +125,17 @@ impl<D: Dialer> Node<D> {
                         return;
                     }
                 };
-                lock(&self.routes).insert(frame.session, Route { client: Arc::clone(from), next });
+                let mut routes = lock(&self.routes);
+                if routes.len() >= ROUTES_PER_NODE_MAX {
+                    // Sessions evicted while idle leave routes behind: drop those whose client is
+                    // gone, then (a flood of opens) the rest.
+                    routes.retain(|_, r| r.client.is_open());
+                    if routes.len() >= ROUTES_PER_NODE_MAX {
+                        routes.clear();
+                    }
+                }
+                routes.insert(frame.session, Route { client: Arc::clone(from), next });
+                drop(routes);
                 from.send(&Frame { message: Message::Ack { committed }, ..reply });
             }
             (Message::Forward { positions, tree_parents, .. }, message) => {

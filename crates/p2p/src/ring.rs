@@ -32,18 +32,27 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The workers of `model_id` found in the DHT, with verified records and (where measured) RTT.
 pub fn discover(node: &P2pNode, model_id: &[u8; 32]) -> Vec<Candidate> {
+    discover_excluding(node, model_id, &HashSet::new())
+}
+
+/// [`discover`] without contacting the workers in `exclude` (known dead or stalled).
+pub fn discover_excluding(node: &P2pNode, model_id: &[u8; 32], exclude: &HashSet<PeerId>) -> Vec<Candidate> {
     let wait = Duration::from_millis(DHT_LOOKUP_TIMEOUT_MS);
     let want = hex(model_id);
+    let rt = node.runtime().clone();
+    let mut providers = node.providers(model_key(model_id), wait);
+    providers.retain(|p| !exclude.contains(p));
+    let lookups = providers.iter().map(|peer| node.get_record_async(worker_key(peer), wait));
+    let records = rt.block_on(futures::future::join_all(lookups));
     let mut cands = Vec::new();
-    for peer in node.providers(model_key(model_id), wait) {
-        let Some(bytes) = node.get_record(worker_key(&peer), wait) else { continue };
+    for (peer, bytes) in providers.into_iter().zip(records) {
+        let Some(bytes) = bytes else { continue };
         let Ok(record) = WorkerRecord::verify(&bytes, &peer, unix_ms()) else { continue };
         if record.model_id == want {
             cands.push(Candidate { peer, record, rtt: None });
         }
     }
     // Connect to every candidate (ping starts on connection) and wait for the RTTs.
-    let rt = node.runtime().clone();
     let connects = cands.iter().map(|c| {
         let addrs: Vec<Multiaddr> = c.record.addrs.iter().filter_map(|a| a.parse().ok()).collect();
         let node = node.clone();
@@ -337,8 +346,11 @@ impl P2pRing {
         let dead: Vec<PeerId> =
             (0..self.stages.len()).filter(|&i| !self.alive(i)).map(|i| self.stages[i].cand.peer).collect();
         self.dead.extend(dead.iter().copied());
+        for &p in &dead {
+            self.node.forget(p);
+        }
         self.stages.retain(|s| !dead.contains(&s.cand.peer));
-        let fresh = discover(&self.node, &self.model_id);
+        let fresh = discover_excluding(&self.node, &self.model_id, &self.dead);
         if !fresh.is_empty() {
             self.candidates = fresh;
         }

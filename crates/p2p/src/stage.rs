@@ -47,6 +47,10 @@ impl FrameSink for StreamSink {
     fn send(&self, frame: &Frame) -> bool {
         self.0.blocking_send(frame.encode()).is_ok()
     }
+
+    fn is_open(&self) -> bool {
+        !self.0.is_closed()
+    }
 }
 
 /// Split `stream` and start its writer task; returns the read half and the write queue.

@@ -21,9 +21,9 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, autonat, dcutr, identify, kad, noise, ping, relay, yamux};
 use specswarm_proto::limits::{
-    CONNECTIONS_PENDING_MAX, DIAL_TIMEOUT_MS, PENDING_DIALS_MAX, RELAY_CIRCUIT_BYTES_MAX, RELAY_CIRCUIT_SECS_MAX,
-    RELAY_CIRCUITS_MAX, RELAY_CIRCUITS_PER_PEER_MAX, WORKER_RECORD_BYTES_MAX, WORKER_RECORD_TTL_SECS,
-    WORKERS_PER_LOOKUP_MAX,
+    CONNECTIONS_PENDING_MAX, DHT_PACKET_BYTES_MAX, DHT_REQUEST_TIMEOUT_MS, DIAL_TIMEOUT_MS, PENDING_DIALS_MAX,
+    RELAY_CIRCUIT_BYTES_MAX, RELAY_CIRCUIT_SECS_MAX, RELAY_CIRCUITS_MAX, RELAY_CIRCUITS_PER_PEER_MAX,
+    WORKER_RECORD_BYTES_MAX, WORKER_RECORD_TTL_SECS, WORKERS_PER_LOOKUP_MAX,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -37,6 +37,8 @@ pub const IDENTIFY_PROTOCOL: &str = "/specswarm/id/1.0.0";
 const COMMAND_QUEUE_MAX: usize = 64;
 /// Kademlia records kept per node.
 const DHT_RECORDS_MAX: usize = 4096;
+/// How long a provider lookup keeps collecting after the first providers arrive.
+const PROVIDERS_GRACE: Duration = Duration::from_millis(300);
 /// How often ping measures each connection's RTT.
 const PING_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -75,6 +77,7 @@ enum Command {
     GetRecord { key: Vec<u8>, reply: oneshot::Sender<Option<Vec<u8>>> },
     ListenAddrs { reply: oneshot::Sender<Vec<Multiaddr>> },
     Peers { reply: oneshot::Sender<Vec<PeerId>> },
+    Forget { peer: PeerId },
 }
 
 /// Handle to a running node: cheap to clone, usable from any thread that is not a runtime
@@ -161,6 +164,9 @@ impl P2pNode {
                     let id = key.public().to_peer_id();
                     let mut kcfg = kad::Config::new(KAD_PROTOCOL);
                     kcfg.set_query_timeout(Duration::from_millis(specswarm_proto::limits::DHT_LOOKUP_TIMEOUT_MS));
+                    // A peer that stalls must not hold a lookup for long.
+                    kcfg.set_substreams_timeout(Duration::from_millis(DHT_REQUEST_TIMEOUT_MS));
+                    kcfg.set_max_packet_size(DHT_PACKET_BYTES_MAX);
                     kcfg.set_record_ttl(Some(Duration::from_secs(WORKER_RECORD_TTL_SECS)));
                     kcfg.set_provider_record_ttl(Some(Duration::from_secs(WORKER_RECORD_TTL_SECS)));
                     // Workers republish on their own schedule (records carry changing status).
@@ -298,6 +304,22 @@ impl P2pNode {
         self.ask(|reply| Command::GetRecord { key, reply }, wait).flatten()
     }
 
+    /// [`P2pNode::get_record`] as a future (lookups run concurrently).
+    pub async fn get_record_async(&self, key: Vec<u8>, wait: Duration) -> Option<Vec<u8>> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::GetRecord { key, reply: tx }).await.ok()?;
+        tokio::time::timeout(wait, rx).await.ok()?.ok().flatten()
+    }
+
+    /// Drop `peer` from the routing table and close our connections to it (a worker found
+    /// dead or stalled: later lookups should not wait on it).
+    pub fn forget(&self, peer: PeerId) {
+        let commands = self.commands.clone();
+        self.rt.block_on(async move {
+            let _ = commands.send(Command::Forget { peer }).await;
+        });
+    }
+
     /// The latest ping RTT to `peer`, if measured.
     pub fn rtt(&self, peer: &PeerId) -> Option<Duration> {
         self.rtts.lock().unwrap_or_else(|e| e.into_inner()).get(peer).copied()
@@ -305,7 +327,8 @@ impl P2pNode {
 }
 
 enum Pending {
-    Providers(oneshot::Sender<Vec<PeerId>>, Vec<PeerId>),
+    /// The reply, providers so far, and when the first ones came.
+    Providers(oneshot::Sender<Vec<PeerId>>, Vec<PeerId>, Option<std::time::Instant>),
     Record(oneshot::Sender<Option<Vec<u8>>>),
 }
 
@@ -325,6 +348,7 @@ async fn run(
     let mut relays: Vec<(PeerId, Multiaddr, Option<libp2p::core::transport::ListenerId>)> =
         cfg.relay_via.iter().filter_map(|r| Some((peer_of(r)?, r.clone(), None))).collect();
     let mut relay_tick = tokio::time::interval(Duration::from_secs(2));
+    let mut grace_tick = tokio::time::interval(PROVIDERS_GRACE / 2);
     // SPECSWARM_P2P_DEBUG=1 prints every swarm event not handled above (for operators).
     let debug = std::env::var_os("SPECSWARM_P2P_DEBUG").is_some();
     loop {
@@ -352,10 +376,14 @@ async fn run(
                             .addresses(addrs)
                             .condition(PeerCondition::DisconnectedAndNotDialing)
                             .build();
-                        let already = dials.contains_key(&peer);
                         match swarm.dial(opts) {
-                            Ok(()) => dials.entry(peer).or_default().push(reply),
-                            Err(_) if already => dials.entry(peer).or_default().push(reply),
+                            // Another dial to the peer is under way (ours, or a behaviour's): its
+                            // outcome answers this request too.
+                            Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {
+                                let waiters = dials.entry(peer).or_default();
+                                waiters.retain(|w| !w.is_closed());
+                                waiters.push(reply);
+                            }
                             Err(e) => { let _ = reply.send(Err(e.to_string())); }
                         }
                     }
@@ -372,7 +400,7 @@ async fn run(
                     }
                     Command::Providers { key, reply } => {
                         let id = swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&key));
-                        queries.insert(id, Pending::Providers(reply, Vec::new()));
+                        queries.insert(id, Pending::Providers(reply, Vec::new(), None));
                     }
                     Command::GetRecord { key, reply } => {
                         let id = swarm.behaviour_mut().kad.get_record(kad::RecordKey::new(&key));
@@ -384,10 +412,35 @@ async fn run(
                     Command::Peers { reply } => {
                         let _ = reply.send(swarm.connected_peers().copied().collect());
                     }
+                    Command::Forget { peer } => {
+                        swarm.behaviour_mut().kad.remove_peer(&peer);
+                        let _ = swarm.disconnect_peer_id(peer);
+                        connected.remove(&peer);
+                        rtts.lock().unwrap_or_else(|e| e.into_inner()).remove(&peer);
+                    }
                 }
             }
             _ = bootstrap.tick() => {
                 let _ = swarm.behaviour_mut().kad.bootstrap();
+            }
+            _ = grace_tick.tick() => {
+                // A provider lookup answers shortly after the first providers arrive instead of
+                // waiting for every peer on the path (a stalled one would hold it to the timeout).
+                let due: Vec<kad::QueryId> = queries
+                    .iter()
+                    .filter_map(|(id, q)| match q {
+                        Pending::Providers(_, _, Some(t)) if t.elapsed() >= PROVIDERS_GRACE => Some(*id),
+                        _ => None,
+                    })
+                    .collect();
+                for id in due {
+                    if let Some(mut q) = swarm.behaviour_mut().kad.query_mut(&id) {
+                        q.finish();
+                    }
+                    if let Some(Pending::Providers(reply, acc, _)) = queries.remove(&id) {
+                        let _ = reply.send(acc);
+                    }
+                }
             }
             _ = relay_tick.tick(), if !relays.is_empty() => {
                 for (peer, addr, listener) in relays.iter_mut() {
@@ -475,7 +528,8 @@ fn on_query(
 ) {
     match result {
         kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders { providers, .. })) => {
-            if let Some(Pending::Providers(_, acc)) = queries.get_mut(&id) {
+            if let Some(Pending::Providers(_, acc, first)) = queries.get_mut(&id) {
+                first.get_or_insert_with(std::time::Instant::now);
                 for p in providers {
                     if acc.len() < WORKERS_PER_LOOKUP_MAX && !acc.contains(&p) {
                         acc.push(p);
@@ -496,7 +550,7 @@ fn on_query(
     }
     if last {
         match queries.remove(&id) {
-            Some(Pending::Providers(reply, acc)) => {
+            Some(Pending::Providers(reply, acc, _)) => {
                 let _ = reply.send(acc);
             }
             Some(Pending::Record(reply)) => {

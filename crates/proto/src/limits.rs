@@ -38,6 +38,9 @@ pub const NEXT_HOP_BYTES_MAX: usize = 256;
 
 // ---- The libp2p swarm (`specswarm-p2p`) and worker routing (`specswarm-net::node`).
 
+/// Most session routes one worker keeps (at least the stage's session limit; routes of evicted
+/// sessions are pruned when this is reached).
+pub const ROUTES_PER_NODE_MAX: usize = 4096;
 /// Most next-hop connections one worker keeps open (sessions share them by address).
 pub const NEXT_HOPS_PER_NODE_MAX: usize = 256;
 /// Most stage-protocol streams one peer may hold open to a worker at once.
@@ -64,6 +67,10 @@ pub const WORKER_RECORD_TTL_SECS: u64 = 120;
 pub const WORKER_RECORD_REFRESH_SECS: u64 = 20;
 /// Most workers a client considers for one model (records fetched from the DHT).
 pub const WORKERS_PER_LOOKUP_MAX: usize = 64;
+/// Bound on one DHT request to one peer (a stalled peer costs a lookup at most this), ms.
+pub const DHT_REQUEST_TIMEOUT_MS: u64 = 2_000;
+/// Largest DHT message, bytes (records are at most `WORKER_RECORD_BYTES_MAX`).
+pub const DHT_PACKET_BYTES_MAX: usize = 64 * 1024;
 /// Bound on one DHT lookup (providers, then records), milliseconds.
 pub const DHT_LOOKUP_TIMEOUT_MS: u64 = 10_000;
 /// Bound on the client's wait for ping RTTs of the workers it considers, milliseconds.
