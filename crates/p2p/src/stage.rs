@@ -15,7 +15,7 @@ use specswarm_net::node::{Dialer, FrameSink, Node, malformed_frame};
 use specswarm_net::stage::StageServer;
 use specswarm_proto::limits::{
     COMPUTE_QUEUE_FRAMES_MAX, DIAL_TIMEOUT_MS, STAGE_STREAMS_PER_PEER_MAX, STAGE_STREAMS_TOTAL_MAX,
-    STREAM_SEND_QUEUE_FRAMES_MAX,
+    STREAM_SEND_QUEUE_FRAMES_MAX, STREAM_SEND_STALL_MS,
 };
 use specswarm_proto::wire::{Frame, HEADER_BYTES, WireError};
 use tokio::sync::mpsc;
@@ -43,9 +43,24 @@ pub struct StreamSink(pub mpsc::Sender<Vec<u8>>);
 
 impl FrameSink for StreamSink {
     /// Called from the compute thread (never from a runtime thread): waits while the queue is
-    /// full, which is the back-pressure of a slow reader.
+    /// full (the back-pressure of a slow reader), but at most `STREAM_SEND_STALL_MS`; a peer that
+    /// stops reading loses its stream instead of stalling every session of the worker.
     fn send(&self, frame: &Frame) -> bool {
-        self.0.blocking_send(frame.encode()).is_ok()
+        let mut bytes = frame.encode();
+        let deadline = std::time::Instant::now() + Duration::from_millis(STREAM_SEND_STALL_MS);
+        loop {
+            match self.0.try_send(bytes) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(mpsc::error::TrySendError::Full(b)) => {
+                    if std::time::Instant::now() >= deadline {
+                        return false;
+                    }
+                    bytes = b;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
     }
 
     fn is_open(&self) -> bool {

@@ -19,11 +19,14 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, autonat, dcutr, identify, kad, noise, ping, relay, yamux};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, autonat, connection_limits, dcutr, identify, kad, noise, ping, relay,
+    yamux,
+};
 use specswarm_proto::limits::{
-    CONNECTIONS_PENDING_MAX, DHT_PACKET_BYTES_MAX, DHT_REQUEST_TIMEOUT_MS, DIAL_TIMEOUT_MS, PENDING_DIALS_MAX,
-    RELAY_CIRCUIT_BYTES_MAX, RELAY_CIRCUIT_SECS_MAX, RELAY_CIRCUITS_MAX, RELAY_CIRCUITS_PER_PEER_MAX,
-    WORKER_RECORD_BYTES_MAX, WORKER_RECORD_TTL_SECS, WORKERS_PER_LOOKUP_MAX,
+    CONNECTIONS_MAX, CONNECTIONS_PENDING_MAX, CONNECTIONS_PER_PEER_MAX, DHT_PACKET_BYTES_MAX, DHT_REQUEST_TIMEOUT_MS,
+    DIAL_TIMEOUT_MS, PENDING_DIALS_MAX, RELAY_CIRCUIT_BYTES_MAX, RELAY_CIRCUIT_SECS_MAX, RELAY_CIRCUITS_MAX,
+    RELAY_CIRCUITS_PER_PEER_MAX, WORKER_RECORD_BYTES_MAX, WORKER_RECORD_TTL_SECS, WORKERS_PER_LOOKUP_MAX,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -44,6 +47,7 @@ const PING_INTERVAL: Duration = Duration::from_secs(2);
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     kad: kad::Behaviour<MemoryStore>,
@@ -181,7 +185,13 @@ impl P2pNode {
                             max_provided_keys: 64,
                         },
                     );
+                    let limits = connection_limits::ConnectionLimits::default()
+                        .with_max_established(Some(CONNECTIONS_MAX))
+                        .with_max_established_per_peer(Some(CONNECTIONS_PER_PEER_MAX))
+                        .with_max_pending_incoming(Some(CONNECTIONS_PENDING_MAX))
+                        .with_max_pending_outgoing(Some(PENDING_DIALS_MAX as u32));
                     Behaviour {
+                        limits: connection_limits::Behaviour::new(limits),
                         identify: identify::Behaviour::new(
                             identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public()).with_cache_size(256),
                         ),
@@ -462,7 +472,7 @@ async fn run(
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                     if let ConnectedPoint::Dialer { address, .. } = &endpoint {
-                        if connected.len() < specswarm_proto::limits::CONNECTIONS_MAX as usize {
+                        if connected.len() < CONNECTIONS_MAX as usize {
                             connected.entry(peer_id).or_insert_with(|| address.clone());
                         }
                         if let Some(waiters) = dials.remove(&peer_id) {

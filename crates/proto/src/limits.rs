@@ -49,6 +49,8 @@ pub const STAGE_STREAMS_PER_PEER_MAX: usize = 8;
 pub const STAGE_STREAMS_TOTAL_MAX: usize = 512;
 /// Frames queued for sending on one stream before the sender waits.
 pub const STREAM_SEND_QUEUE_FRAMES_MAX: usize = 16;
+/// Longest a worker waits for room in a stream's send queue before dropping the stream, ms.
+pub const STREAM_SEND_STALL_MS: u64 = 5_000;
 /// Frames queued for the compute thread, all streams together, before readers wait.
 pub const COMPUTE_QUEUE_FRAMES_MAX: usize = 64;
 /// Dials (and stream opens) a node runs at once; further ones wait.
@@ -83,6 +85,7 @@ pub const RELAY_CIRCUITS_PER_PEER_MAX: usize = 8;
 pub const RELAY_CIRCUIT_BYTES_MAX: u64 = 256 * 1024 * 1024;
 /// Longest a relayed circuit lives, seconds.
 pub const RELAY_CIRCUIT_SECS_MAX: u64 = 3600;
-/// Most connections a node keeps, all peers together, and pending incoming ones.
+/// Most connections a node keeps, all peers together; per peer; and pending incoming ones.
 pub const CONNECTIONS_MAX: u32 = 1024;
+pub const CONNECTIONS_PER_PEER_MAX: u32 = 8;
 pub const CONNECTIONS_PENDING_MAX: u32 = 128;
