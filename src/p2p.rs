@@ -115,7 +115,8 @@ pub fn worker(args: &WorkerArgs) -> Result<()> {
     let model_id = specswarm_net::model_id(&path)?;
     let limits = StageLimits { sessions_max: args.sessions_max, ..StageLimits::default() };
     let kv_total = limits.kv_tokens_total_max;
-    let server = StageServer::new(Arc::new(slice), model_id, limits);
+    let slice = Arc::new(slice);
+    let server = StageServer::new(Arc::clone(&slice), model_id, limits);
     let stage = specswarm_p2p::stage::serve(&node, server).map_err(anyhow::Error::msg)?;
     // Direct listeners, plus one relayed address per relay (a reservation takes a round trip).
     let mut addrs = node.listen_addrs(listen.len(), Duration::from_secs(10));
@@ -153,9 +154,16 @@ pub fn worker(args: &WorkerArgs) -> Result<()> {
     };
     // Publish at once, a few more times while the DHT forms, then every refresh interval.
     let mut round = 0u64;
+    let mut tps = tps;
     loop {
-        let free = kv_total.saturating_sub(stage.with_server(|s| s.reserved_tokens())) as u64;
-        let rec = WorkerRecord { free_kv_tokens: free, ..base.clone() }.stamp();
+        let reserved = stage.with_server(|s| s.reserved_tokens());
+        if round > 0 && reserved == 0 {
+            // Measure again while idle: the start-up figure is often taken while neighbours
+            // load, and the machine's load changes.
+            tps = measure_tps(&slice).unwrap_or(tps);
+        }
+        let free = kv_total.saturating_sub(reserved) as u64;
+        let rec = WorkerRecord { free_kv_tokens: free, throughput_tps: tps, ..base.clone() }.stamp();
         node.publish(model_key(&model_id), worker_key(&node.peer_id), rec.sign(&key)?);
         round += 1;
         let pause = if round < 4 { 1 } else { WORKER_RECORD_REFRESH_SECS };
