@@ -280,13 +280,8 @@ fn libp2p_failover_after_kill_9_finishes_with_identical_tokens() {
             produced += 1;
             if produced == kill_at {
                 if stall {
-                    assert!(
-                        Command::new("kill")
-                            .args(["-STOP", &victim_child.id().to_string()])
-                            .status()
-                            .unwrap()
-                            .success()
-                    );
+                    // SAFETY: signalling a child process we own.
+                    assert_eq!(unsafe { libc::kill(victim_child.id() as libc::pid_t, libc::SIGSTOP) }, 0);
                 } else {
                     victim_child.kill().unwrap(); // SIGKILL
                     let _ = victim_child.wait();
