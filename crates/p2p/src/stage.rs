@@ -26,7 +26,7 @@ use crate::swarm::P2pNode;
 pub const STAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/specswarm/stage/1");
 
 /// Read one frame: `Ok(Err)` for bytes that are not a frame (the stream should be closed).
-pub async fn read_frame(r: &mut ReadHalf<Stream>) -> std::io::Result<Result<Frame, WireError>> {
+pub async fn read_frame<R: futures::AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Result<Frame, WireError>> {
     let mut buf = vec![0u8; HEADER_BYTES];
     r.read_exact(&mut buf).await?;
     let len = match Frame::decode_header(&buf) {
@@ -185,4 +185,30 @@ pub fn serve(node: &P2pNode, server: StageServer) -> Result<Arc<Node<P2pDialer>>
         }
     });
     Ok(stage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use specswarm_proto::wire::Message;
+
+    fn read(bytes: Vec<u8>) -> std::io::Result<Result<Frame, WireError>> {
+        futures::executor::block_on(read_frame(&mut futures::io::Cursor::new(bytes)))
+    }
+
+    #[test]
+    fn frames_are_checked_before_allocation() {
+        let f = Frame { session: 7, epoch: 1, seq: 2, message: Message::Close };
+        assert_eq!(read(f.encode()).unwrap().unwrap(), f);
+        // A declared 4 GiB payload is refused from the header alone.
+        let mut big = f.encode();
+        big[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(read(big).unwrap(), Err(WireError::TooLarge { .. })));
+        assert!(matches!(read(vec![0u8; 64]).unwrap(), Err(WireError::BadMagic)));
+        // A stream that ends early is an I/O error (the stream is dropped), not a panic.
+        let bytes = f.encode();
+        for cut in 0..bytes.len() {
+            assert!(read(bytes[..cut].to_vec()).is_err());
+        }
+    }
 }
