@@ -509,6 +509,15 @@ async fn run(
                         }
                     }
                 }
+                SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. })) => {
+                    // Reported, not acted on: a node behind NAT is started with --relay.
+                    let hint = if matches!(new, autonat::NatStatus::Private) && relays.is_empty() {
+                        " (not reachable from outside: start it with --relay <bootstrap multiaddr>)"
+                    } else {
+                        ""
+                    };
+                    eprintln!("autonat: reachability {new:?}{hint}");
+                }
                 SwarmEvent::ListenerClosed { listener_id, .. } => {
                     for (_, _, listener) in relays.iter_mut() {
                         if *listener == Some(listener_id) {
