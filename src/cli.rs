@@ -32,6 +32,9 @@ pub enum Command {
         /// Number of worker processes (layer slices).
         #[arg(long, default_value_t = 3)]
         workers: usize,
+        /// Plain TCP workers at fixed addresses instead of the libp2p swarm with discovery.
+        #[arg(long)]
+        tcp: bool,
     },
     /// Serve a slice of a model's layers to the swarm.
     Worker(WorkerArgs),
@@ -42,6 +45,13 @@ pub enum Command {
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// A libp2p node with no model: DHT bootstrap peer and relay for the swarm.
+    Bootstrap(BootstrapArgs),
+    /// Look at the libp2p swarm.
+    Swarm {
+        #[command(subcommand)]
+        command: SwarmCommand,
     },
     /// WAN emulation between network namespaces (needs root).
     Wan {
@@ -58,9 +68,25 @@ pub struct WorkerArgs {
     /// Layer range A:B (half-open); default: the whole model.
     #[arg(long)]
     pub layers: Option<String>,
-    /// Address to listen on (port 0 picks a free one; the chosen address is printed).
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub listen: String,
+    /// Where to listen. `ip:port` serves the stage protocol over plain TCP; multiaddrs
+    /// (`/ip4/0.0.0.0/tcp/0`, `/ip4/0.0.0.0/udp/0/quic-v1`; repeatable) join the libp2p swarm.
+    /// Port 0 picks a free one; the chosen addresses are printed.
+    #[arg(long, default_values_t = vec!["127.0.0.1:0".to_string()])]
+    pub listen: Vec<String>,
+    /// libp2p: peers to join the swarm through (multiaddrs ending in /p2p/<peer id>).
+    #[arg(long)]
+    pub bootstrap: Vec<String>,
+    /// libp2p: the identity key file (created on first run, mode 0600); default: the first free
+    /// `worker*.key` under $SPECSWARM_HOME/identity.
+    #[arg(long)]
+    pub identity: Option<std::path::PathBuf>,
+    /// libp2p: also listen through this relay (for a worker behind NAT; its DHT record then
+    /// carries the relayed address, and the DHT runs in client mode).
+    #[arg(long)]
+    pub relay: Vec<String>,
+    /// libp2p: do not act as a relay for others.
+    #[arg(long)]
+    pub no_relay_server: bool,
     /// Compute threads.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
@@ -142,6 +168,36 @@ pub enum KeysCommand {
         id: i64,
         #[arg(long)]
         db: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct BootstrapArgs {
+    /// Multiaddrs to listen on (repeatable).
+    #[arg(long, default_values_t = vec!["/ip4/0.0.0.0/tcp/0".to_string(), "/ip4/0.0.0.0/udp/0/quic-v1".to_string()])]
+    pub listen: Vec<String>,
+    /// Other bootstrap peers.
+    #[arg(long)]
+    pub bootstrap: Vec<String>,
+    /// Identity key file; default: the first free `bootstrap*.key` under $SPECSWARM_HOME/identity.
+    #[arg(long)]
+    pub identity: Option<std::path::PathBuf>,
+    /// Exit when standard input closes.
+    #[arg(long)]
+    pub exit_on_stdin_eof: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SwarmCommand {
+    /// Peers, layer ranges, RTT, free KV, and coverage gaps of the workers in the DHT.
+    Status {
+        #[arg(long, required = true)]
+        bootstrap: Vec<String>,
+        /// Only this model (a known name or a GGUF path); default: the known models.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -373,6 +429,17 @@ pub struct GenerateArgs {
     /// Choose chain/tree and sizes per round from measured acceptance (within the given limits).
     #[arg(long)]
     pub adaptive: bool,
+    /// Generate through a ring of workers discovered in the libp2p swarm (needs --bootstrap);
+    /// this process loads only the tokenizer.
+    #[arg(long, requires = "bootstrap")]
+    pub swarm: bool,
+    /// With --swarm and --draft: most speculative rounds in flight (1: wait for each verdict;
+    /// more pipelines chains, adapting the depth to how often rounds survive).
+    #[arg(long, default_value_t = 1)]
+    pub pipeline: usize,
+    /// Swarm peers to join through (multiaddrs ending in /p2p/<peer id>).
+    #[arg(long)]
+    pub bootstrap: Vec<String>,
 }
 
 impl GenerateArgs {

@@ -4,6 +4,7 @@ mod bench;
 mod bench_swarm;
 mod cli;
 mod gateway;
+mod p2p;
 mod prompts;
 mod speculate;
 mod swarm;
@@ -64,8 +65,11 @@ fn run(cli: Cli) -> Result<()> {
         },
         Command::Generate(args) => cmd_generate(&args),
         Command::Bench { command } => bench::run(command),
-        Command::Demo { max_tokens, workers } => swarm::demo(max_tokens, workers),
+        Command::Demo { max_tokens, workers, tcp } => swarm::demo(max_tokens, workers, tcp),
+        Command::Worker(args) if args.listen.iter().any(|a| a.starts_with('/')) => p2p::worker(&args),
         Command::Worker(args) => swarm::worker(&args),
+        Command::Bootstrap(args) => p2p::bootstrap(&args),
+        Command::Swarm { command } => p2p::swarm(&command),
         Command::Wan { command } => swarm::wan(&command),
         Command::Gateway(args) => gateway::run(&args),
         Command::Keys { command } => gateway::keys(command),
@@ -101,6 +105,9 @@ pub(crate) fn encode_prompt(path: &std::path::Path, tok: &Tokenizer, prompt: &st
 }
 
 fn cmd_generate(args: &GenerateArgs) -> Result<()> {
+    if args.swarm {
+        return p2p::generate(args);
+    }
     let path = resolve_model(&args.model)?;
     let t_load = Instant::now();
     let model = load_model(&path, args.threads)?;

@@ -16,10 +16,11 @@ use specswarm_net::direct::DirectRing;
 use specswarm_net::ring::RingSpec;
 use specswarm_net::stage::{StageLimits, StageServer};
 use specswarm_net::tcp::serve;
+use specswarm_p2p::swarm::{P2pConfig, P2pNode};
 
 use crate::cli::WorkerArgs;
 
-fn parse_layers(s: &str, n_layers: usize) -> Result<std::ops::Range<usize>> {
+pub(crate) fn parse_layers(s: &str, n_layers: usize) -> Result<std::ops::Range<usize>> {
     let (a, b) = s.split_once(':').context("--layers takes A:B")?;
     let (a, b): (usize, usize) = (a.parse()?, b.parse()?);
     if a >= b || b > n_layers {
@@ -49,7 +50,8 @@ pub fn worker(args: &WorkerArgs) -> Result<()> {
     let model_id = specswarm_net::model_id(&path)?;
     let limits = StageLimits { sessions_max: args.sessions_max, ..StageLimits::default() };
     let server = StageServer::new(Arc::new(slice), model_id, limits);
-    let listener = TcpListener::bind(&args.listen).with_context(|| format!("binding {}", args.listen))?;
+    let listen = args.listen.first().context("--listen")?;
+    let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
     println!("listening {addr} layers {}:{}", layers.start, layers.end);
     std::io::stdout().flush()?;
@@ -77,9 +79,136 @@ impl Drop for Workers {
     }
 }
 
-pub fn demo(max_tokens: usize, n_workers: usize) -> Result<()> {
+/// Start `specswarm ARGS --exit-on-stdin-eof`; the second word of its first stdout line (the
+/// address it listens on).
+fn spawn_listening(exe: &std::path::Path, args: &[String]) -> Result<(Child, String)> {
+    let mut child = Command::new(exe)
+        .args(args)
+        .arg("--exit-on-stdin-eof")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting a process")?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line.split_whitespace().nth(1).with_context(|| format!("{args:?} said {line:?}"))?.to_string();
+    Ok((child, addr))
+}
+
+/// The demo on libp2p: a bootstrap node, `n_workers` worker processes that publish themselves in
+/// the DHT, and this process as the client that discovers them, chooses the ring by the cost
+/// model, and generates through it with direct return.
+pub fn demo(max_tokens: usize, n_workers: usize, tcp: bool) -> Result<()> {
+    if tcp {
+        return demo_tcp(max_tokens, n_workers);
+    }
+    use specswarm_p2p::ring::{P2pRing, discover_ring, generate_swarm};
     let name = hub::DEFAULT_MODEL;
-    println!("== specswarm demo: {name} on a local swarm of {n_workers} worker processes");
+    println!("== specswarm demo: {name} on a local libp2p swarm of {n_workers} worker processes");
+    let path = crate::resolve_model(name)?;
+    let tok = Tokenizer::from_gguf(&path)?;
+    let model_id = specswarm_net::model_id(&path)?;
+    let file = specswarm_engine::gguf::GgufFile::open(&path)?;
+    let n_layers = specswarm_engine::config::ModelConfig::from_gguf(&file)?.n_layers;
+    if n_workers == 0 || n_workers > n_layers {
+        bail!("--workers must be between 1 and {n_layers}");
+    }
+    let cuts: Vec<usize> = (0..=n_workers).map(|i| i * n_layers / n_workers).collect();
+    let exe = std::env::current_exe()?;
+    let ids_dir = std::env::temp_dir().join(format!("specswarm-demo-{}", std::process::id()));
+    let mut workers = Workers(Vec::new());
+    let (child, bs) = spawn_listening(
+        &exe,
+        &["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", "--identity"]
+            .map(String::from)
+            .into_iter()
+            .chain([ids_dir.join("bootstrap.key").display().to_string()])
+            .collect::<Vec<_>>(),
+    )?;
+    println!("bootstrap + relay node (pid {}): {bs}", child.id());
+    workers.0.push(child);
+    for (i, w) in cuts.windows(2).enumerate() {
+        let args: Vec<String> = vec![
+            "worker".into(),
+            "--model".into(),
+            path.display().to_string(),
+            "--layers".into(),
+            format!("{}:{}", w[0], w[1]),
+            "--threads".into(),
+            "1".into(),
+            "--listen".into(),
+            "/ip4/127.0.0.1/tcp/0".into(),
+            "--bootstrap".into(),
+            bs.clone(),
+            "--identity".into(),
+            ids_dir.join(format!("worker-{i}.key")).display().to_string(),
+        ];
+        let (child, addr) = spawn_listening(&exe, &args)?;
+        println!("worker {} (pid {}): layers {:>2}..{:<2} at {addr}", i + 1, child.id(), w[0], w[1]);
+        workers.0.push(child);
+    }
+    let node = P2pNode::start(
+        libp2p::identity::Keypair::generate_ed25519(),
+        P2pConfig { bootstrap: vec![bs.parse()?], ..Default::default() },
+    )?;
+    let t = Instant::now();
+    let cands = discover_ring(&node, &model_id, n_layers as u32, Duration::from_secs(30));
+    println!("discovered {} workers in the DHT in {:.2}s:", cands.len(), t.elapsed().as_secs_f64());
+    for c in &cands {
+        println!(
+            "  layers {:>2}..{:<2} peer …{} rtt {} ms, {:.0} tok/s, {} free KV tokens",
+            c.record.start,
+            c.record.end,
+            c.peer.to_string().chars().rev().take(6).collect::<Vec<_>>().into_iter().rev().collect::<String>(),
+            c.rtt.map_or("?".into(), |d| format!("{:.2}", d.as_secs_f64() * 1000.0)),
+            c.record.throughput_tps,
+            c.record.free_kv_tokens
+        );
+    }
+    let mut ring = P2pRing::new(node, model_id, n_layers as u32, cands, 1, Duration::from_secs(60));
+    let plan = ring.plan_connected(1)?;
+    println!(
+        "ring: client -> {} -> client (each worker forwards to the next over a libp2p stream; the tail returns token ids; predicted {:.1} ms/token)",
+        ring.describe().iter().map(|(_, (a, b), _)| format!("{a}..{b}")).collect::<Vec<_>>().join(" -> "),
+        plan.predicted_ms
+    );
+    let local = ModelSlice::load(&path, &LoadOptions { threads: 1, ..Default::default() })?;
+    for p in DEMO_PROMPTS {
+        let ids = crate::encode_prompt(&path, &tok, p, true)?;
+        let (out, stats) =
+            generate_swarm(&mut ring, &ids, max_tokens, true, &mut |_, _| 0, tok.stop_ids(), &mut |_| true)?;
+        let mut sampler = Sampler::new(Default::default())?;
+        let (reference, _, _) = generate(&local, &ids, max_tokens, &mut sampler, tok.stop_ids(), &mut |_| true)?;
+        println!("\n> {p}\n{}", tok.decode(&out, true).trim());
+        println!(
+            "[swarm: {} prompt tokens, {} generated at {:.1} tok/s through {n_workers} libp2p workers | identical to one process: {}]",
+            ids.len(),
+            out.len(),
+            out.len().saturating_sub(1) as f64 / stats.decode.as_secs_f64().max(1e-9),
+            if out == reference { "yes" } else { "NO" }
+        );
+        if out != reference {
+            bail!("the swarm's output differs from single-process output");
+        }
+    }
+    drop(workers);
+    let _ = std::fs::remove_dir_all(&ids_dir);
+    println!("\nworkers stopped.");
+    Ok(())
+}
+
+const DEMO_PROMPTS: [&str; 3] = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "Give me three tips for staying focused.",
+];
+
+/// The demo over plain TCP (`specswarm demo --tcp`).
+fn demo_tcp(max_tokens: usize, n_workers: usize) -> Result<()> {
+    let name = hub::DEFAULT_MODEL;
+    println!("== specswarm demo: {name} on a local swarm of {n_workers} worker processes (TCP)");
     let path = crate::resolve_model(name)?;
     let tok = Tokenizer::from_gguf(&path)?;
     let model_id = specswarm_net::model_id(&path)?;
@@ -126,12 +255,7 @@ pub fn demo(max_tokens: usize, n_workers: usize) -> Result<()> {
         "ring: client -> worker 1 -> ... -> worker {n_workers} -> client (each worker forwards to the next; the tail returns token ids)"
     );
     let local = ModelSlice::load(&path, &LoadOptions { threads: 1, ..Default::default() })?;
-    let prompts = [
-        "What is the capital of France?",
-        "Write a Python function that reverses a string.",
-        "Give me three tips for staying focused.",
-    ];
-    for p in prompts {
+    for p in DEMO_PROMPTS {
         let ids = crate::encode_prompt(&path, &tok, p, true)?;
         let (out, secs) = ring_greedy(&mut ring, &ids, max_tokens, tok.stop_ids())?;
         let mut sampler = Sampler::new(Default::default())?;

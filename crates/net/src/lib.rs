@@ -7,14 +7,19 @@
 //!   [`ring::StageLink`]s, and [`ring::generate_ring`].
 //! - [`direct`]: [`direct::DirectRing`], a ring whose stages forward to each other and whose tail
 //!   answers the client directly.
-//! - [`swarm_spec`]: speculative decoding across a [`direct::DirectRing`]: the tail verifies and
-//!   returns token ids, rounds can be pipelined, failover replays the committed tokens.
+//! - [`swarm_spec`]: speculative decoding across a ring (any [`swarm_spec::SpecRing`]): the tail
+//!   verifies and returns token ids, rounds can be pipelined, failover replays the committed tokens.
 //! - [`delay`]: the in-process WAN emulator (a fixed one-way delay on every frame sent).
-//! - [`tcp`]: frames over plain TCP (`specswarm worker` and the demo).
+//! - [`node`]: [`node::Node`], a worker's per-session routing (next hop, direct return to the
+//!   client) over any transport that implements [`node::FrameSink`] and [`node::Dialer`].
+//! - [`tcp`]: frames over plain TCP (`specswarm worker --listen ip:port`); the libp2p transport
+//!   lives in `specswarm-p2p`.
 //! - `wan` (Linux): user-space WAN emulation between network namespaces through TUN devices.
+//!
 
 pub mod delay;
 pub mod direct;
+pub mod node;
 pub mod ring;
 pub mod stage;
 pub mod swarm_spec;

@@ -65,3 +65,57 @@ pub const GATEWAY_THROUGHPUT_WINDOW_S: u64 = 10;
 /// Events buffered between a running generation and its HTTP response; a slow client holds the
 /// generation back (backpressure) instead of growing a queue.
 pub const GATEWAY_STREAM_EVENTS_BUFFERED_MAX: usize = 64;
+
+// ---- The libp2p swarm (`specswarm-p2p`) and worker routing (`specswarm-net::node`).
+
+/// Most session routes one worker keeps (at least the stage's session limit; routes of evicted
+/// sessions are pruned when this is reached).
+pub const ROUTES_PER_NODE_MAX: usize = 4096;
+/// Most next-hop connections one worker keeps open (sessions share them by address).
+pub const NEXT_HOPS_PER_NODE_MAX: usize = 256;
+/// Most stage-protocol streams one peer may hold open to a worker at once.
+pub const STAGE_STREAMS_PER_PEER_MAX: usize = 8;
+/// Most stage-protocol streams a worker serves at once, all peers together.
+pub const STAGE_STREAMS_TOTAL_MAX: usize = 512;
+/// Frames queued for sending on one stream before the sender waits.
+pub const STREAM_SEND_QUEUE_FRAMES_MAX: usize = 16;
+/// Longest a worker waits for room in a stream's send queue before dropping the stream, ms.
+pub const STREAM_SEND_STALL_MS: u64 = 5_000;
+/// Frames queued for the compute thread, all streams together, before readers wait.
+pub const COMPUTE_QUEUE_FRAMES_MAX: usize = 64;
+/// Dials (and stream opens) a node runs at once; further ones wait.
+pub const PENDING_DIALS_MAX: usize = 16;
+/// Bound on a single dial plus stream negotiation, milliseconds.
+pub const DIAL_TIMEOUT_MS: u64 = 10_000;
+/// Largest worker record (signed, serialized) accepted from the DHT, bytes.
+pub const WORKER_RECORD_BYTES_MAX: usize = 4096;
+/// Most listen addresses carried in one worker record.
+pub const WORKER_RECORD_ADDRS_MAX: usize = 8;
+/// Longest address string in a worker record, bytes (fits `NEXT_HOP_BYTES_MAX`).
+pub const WORKER_RECORD_ADDR_BYTES_MAX: usize = 256;
+/// How long a worker record stays valid after it is published, seconds.
+pub const WORKER_RECORD_TTL_SECS: u64 = 120;
+/// How often a worker republishes its record (free KV and throughput change), seconds.
+pub const WORKER_RECORD_REFRESH_SECS: u64 = 20;
+/// Most workers a client considers for one model (records fetched from the DHT).
+pub const WORKERS_PER_LOOKUP_MAX: usize = 64;
+/// Bound on one DHT request to one peer (a stalled peer costs a lookup at most this), ms.
+pub const DHT_REQUEST_TIMEOUT_MS: u64 = 2_000;
+/// Largest DHT message, bytes (records are at most `WORKER_RECORD_BYTES_MAX`).
+pub const DHT_PACKET_BYTES_MAX: usize = 64 * 1024;
+/// Bound on one DHT lookup (providers, then records), milliseconds.
+pub const DHT_LOOKUP_TIMEOUT_MS: u64 = 10_000;
+/// Bound on the client's wait for ping RTTs of the workers it considers, milliseconds.
+pub const PING_WAIT_MS: u64 = 3_000;
+/// Most circuits a relay node serves at once, and per peer.
+pub const RELAY_CIRCUITS_MAX: usize = 64;
+pub const RELAY_CIRCUITS_PER_PEER_MAX: usize = 8;
+/// Bytes one relayed circuit may carry before the relay closes it (activations are ~2-4 KiB
+/// per token per hop on the small models; a prefill chunk is larger).
+pub const RELAY_CIRCUIT_BYTES_MAX: u64 = 256 * 1024 * 1024;
+/// Longest a relayed circuit lives, seconds.
+pub const RELAY_CIRCUIT_SECS_MAX: u64 = 3600;
+/// Most connections a node keeps, all peers together; per peer; and pending incoming ones.
+pub const CONNECTIONS_MAX: u32 = 1024;
+pub const CONNECTIONS_PER_PEER_MAX: u32 = 8;
+pub const CONNECTIONS_PENDING_MAX: u32 = 128;

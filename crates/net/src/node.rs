@@ -1,0 +1,182 @@
+//! A worker's session routing, independent of the transport: the stage server plus, per session,
+//! where its outputs go. Both the TCP server ([`crate::tcp::serve`]) and the libp2p server
+//! (`specswarm-p2p`) feed every frame they read into [`Node::on_frame`]; they differ only in how
+//! frames are written ([`FrameSink`]) and how a next hop named in `Open.next_hop` is reached
+//! ([`Dialer`]: `ip:port` on TCP, a multiaddr ending in `/p2p/<peer id>` on libp2p).
+//!
+//! A session opened with a `next_hop` forwards its outputs to that stage (whose own route
+//! continues the ring) and the tail sends its output to the connection that opened it: a ring
+//! with direct return. Without a next hop, outputs go back to the opener (a client-driven ring).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use specswarm_proto::limits::{NEXT_HOPS_PER_NODE_MAX, ROUTES_PER_NODE_MAX};
+use specswarm_proto::wire::{ErrorCode, Frame, Message};
+
+use crate::stage::StageServer;
+
+/// A connection frames can be written to.
+pub trait FrameSink: Send + Sync {
+    /// Write (or queue) `frame`; false when the connection is gone.
+    fn send(&self, frame: &Frame) -> bool;
+
+    /// Whether the connection may still carry frames (routes of closed ones are pruned).
+    fn is_open(&self) -> bool {
+        true
+    }
+}
+
+/// Reaches next hops by their address string.
+pub trait Dialer: Send + Sync {
+    /// A connection to the stage at `addr` (blocking, bounded by the dialer's own timeout).
+    fn dial(&self, addr: &str) -> Result<Arc<dyn FrameSink>, String>;
+}
+
+/// Where a session's outputs go.
+struct Route {
+    /// The connection that opened the session: replies, errors, and the tail's output.
+    client: Arc<dyn FrameSink>,
+    /// The next stage, for a stage that forwards (ring with direct return), and its address.
+    next: Option<(String, Arc<dyn FrameSink>)>,
+}
+
+/// A worker: the stage server, session routes, and connections to next hops (shared by every
+/// session that forwards to the same address).
+pub struct Node<D> {
+    server: Mutex<StageServer>,
+    routes: Mutex<HashMap<u64, Route>>,
+    hops: Mutex<HashMap<String, Arc<dyn FrameSink>>>,
+    dialer: D,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An error reply to `f`.
+pub fn error_frame(f: &Frame, code: ErrorCode, message: String) -> Frame {
+    Frame { session: f.session, epoch: f.epoch, seq: f.seq, message: Message::Error { code, message } }
+}
+
+/// The reply to bytes that are not a frame (no session to name).
+pub fn malformed_frame(reason: String) -> Frame {
+    Frame { session: 0, epoch: 0, seq: 0, message: Message::Error { code: ErrorCode::Malformed, message: reason } }
+}
+
+impl<D: Dialer> Node<D> {
+    pub fn new(server: StageServer, dialer: D) -> Node<D> {
+        Node {
+            server: Mutex::new(server),
+            routes: Mutex::new(HashMap::new()),
+            hops: Mutex::new(HashMap::new()),
+            dialer,
+        }
+    }
+
+    /// Run `f` on the stage server (status for discovery records, tests).
+    pub fn with_server<R>(&self, f: impl FnOnce(&mut StageServer) -> R) -> R {
+        f(&mut lock(&self.server))
+    }
+
+    fn hop(&self, addr: &str) -> Result<Arc<dyn FrameSink>, String> {
+        if let Some(w) = lock(&self.hops).get(addr) {
+            return Ok(Arc::clone(w));
+        }
+        let w = self.dialer.dial(addr)?;
+        let mut hops = lock(&self.hops);
+        if hops.len() >= NEXT_HOPS_PER_NODE_MAX {
+            // Forget an arbitrary idle connection: sessions that still use it hold their own Arc.
+            if let Some(k) = hops.keys().next().cloned() {
+                hops.remove(&k);
+            }
+        }
+        hops.insert(addr.to_string(), Arc::clone(&w));
+        Ok(w)
+    }
+
+    /// Forget a broken next-hop connection so that the next session dials again.
+    fn drop_hop(&self, addr: &str) {
+        lock(&self.hops).remove(addr);
+    }
+
+    /// Handle one frame that arrived on connection `from`.
+    pub fn on_frame(&self, frame: Frame, from: &Arc<dyn FrameSink>) {
+        let now = Instant::now();
+        let reply = {
+            let mut s = lock(&self.server);
+            s.evict_idle(now);
+            s.handle(&frame, now)
+        };
+        match (&frame.message, reply.message) {
+            (Message::Open { next_hop, .. }, Message::Ack { committed }) => {
+                let next = match next_hop.as_deref().map(|a| (a, self.hop(a))) {
+                    None => None,
+                    Some((a, Ok(w))) => Some((a.to_string(), w)),
+                    Some((_, Err(e))) => {
+                        let close = Frame { message: Message::Close, ..frame.clone() };
+                        lock(&self.server).handle(&close, now);
+                        from.send(&error_frame(
+                            &frame,
+                            ErrorCode::Internal,
+                            format!("cannot reach the next stage: {e}"),
+                        ));
+                        return;
+                    }
+                };
+                let mut routes = lock(&self.routes);
+                if routes.len() >= ROUTES_PER_NODE_MAX {
+                    // Sessions evicted while idle leave routes behind: drop those whose client is
+                    // gone, then (a flood of opens) the rest.
+                    routes.retain(|_, r| r.client.is_open());
+                    if routes.len() >= ROUTES_PER_NODE_MAX {
+                        routes.clear();
+                    }
+                }
+                routes.insert(frame.session, Route { client: Arc::clone(from), next });
+                drop(routes);
+                from.send(&Frame { message: Message::Ack { committed }, ..reply });
+            }
+            (Message::Forward { positions, tree_parents, spec, .. }, message) => {
+                let route = lock(&self.routes).get(&frame.session).map(|r| (Arc::clone(&r.client), r.next.clone()));
+                let Some((client, next)) = route else {
+                    from.send(&Frame { message, ..reply });
+                    return;
+                };
+                match (message, next) {
+                    (Message::Output { input }, Some((addr, next))) => {
+                        let fwd = Frame {
+                            message: Message::Forward {
+                                positions: positions.clone(),
+                                tree_parents: tree_parents.clone(),
+                                input,
+                                // The next stages apply the same commit; the tail needs the tokens.
+                                spec: spec.clone(),
+                            },
+                            ..reply
+                        };
+                        if !next.send(&fwd) {
+                            self.drop_hop(&addr);
+                            client.send(&error_frame(
+                                &frame,
+                                ErrorCode::Internal,
+                                "the next stage is unreachable".into(),
+                            ));
+                        }
+                    }
+                    (message, _) => {
+                        client.send(&Frame { message, ..reply });
+                    }
+                }
+            }
+            (Message::Close, message) => {
+                lock(&self.routes).remove(&frame.session);
+                from.send(&Frame { message, ..reply });
+            }
+            (_, message) => {
+                from.send(&Frame { message, ..reply });
+            }
+        }
+    }
+}
