@@ -16,24 +16,10 @@ use serde_json::{Value, json};
 use specswarm_engine::sampling::SamplerConfig;
 use specswarm_net::ring::RingSpec;
 use specswarm_net::swarm_spec::{RingPlan, SwarmSpecSettings, SwarmSpecStats, generate_swarm_speculative};
-use specswarm_spec::drafter::{DraftBudget, Drafter};
+use specswarm_spec::drafter::{DraftBudget, Drafter, NoDraft};
 use specswarm_spec::policy::{Policy, PolicyMode};
-use specswarm_spec::tree::DraftTree;
 
 use crate::cli::{BenchRingArgs, BenchSwarmArgs};
-
-/// A drafter that never proposes: every round verifies the root alone (plain decoding with the
-/// token chosen at the tail).
-struct NoDraft;
-
-impl Drafter for NoDraft {
-    fn name(&self) -> String {
-        "none".into()
-    }
-    fn propose(&mut self, _: &[u32], _: &DraftBudget) -> Result<DraftTree, specswarm_spec::SpecError> {
-        Ok(DraftTree::default())
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {

@@ -110,10 +110,16 @@ pub struct GatewayArgs {
     /// Default: smollm2-135m.
     #[arg(long)]
     pub model: Vec<String>,
-    /// Serve models from a swarm of workers instead (not built yet: the swarm backend plugs into
-    /// the same `Backend` trait).
+    /// Serve the models from the libp2p swarm (workers found through --bootstrap) instead of
+    /// loading them here; `--model` then names the model (its tokenizer and chat template).
+    #[arg(long, requires = "bootstrap")]
+    pub swarm: bool,
+    /// Swarm peers to join through (multiaddrs ending in /p2p/<peer id>), with --swarm.
     #[arg(long)]
-    pub swarm: Option<String>,
+    pub bootstrap: Vec<String>,
+    /// With --swarm and --draft: most speculative rounds in flight.
+    #[arg(long, default_value_t = 1)]
+    pub pipeline: usize,
     /// Compute threads per model (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use specswarm_gateway::auth::KeyStore;
 use specswarm_gateway::local::{DraftKind, LocalBackend, LocalModel};
+use specswarm_gateway::swarm::{SwarmBackend, SwarmModel};
 use specswarm_gateway::{AppState, GatewayConfig};
 
 use crate::cli::{GatewayArgs, KeysCommand};
@@ -18,11 +19,33 @@ fn model_id(spec: &str) -> String {
 }
 
 pub fn run(args: &GatewayArgs) -> Result<()> {
-    if args.swarm.is_some() {
-        bail!("the swarm backend is not built yet; serve local models with --model");
-    }
     let specs = if args.model.is_empty() { vec!["smollm2-135m".to_string()] } else { args.model.clone() };
     let draft = args.draft.as_deref().map(DraftKind::parse).transpose().map_err(anyhow::Error::msg)?;
+    if args.swarm {
+        // The swarm backend: this process holds tokenizers and chat templates; workers found in
+        // the libp2p DHT hold the weights.
+        let node = crate::p2p::client(&args.bootstrap)?;
+        let mut models = Vec::new();
+        for spec in &specs {
+            let path = crate::resolve_model(spec)?;
+            let id = model_id(spec);
+            let file = specswarm_engine::gguf::GgufFile::open(&path)?;
+            let n_layers = specswarm_engine::config::ModelConfig::from_gguf(&file)?.n_layers as u32;
+            let factory =
+                crate::p2p::P2pRingFactory::start(node.clone(), specswarm_net::model_id(&path)?, &id, n_layers);
+            let m = SwarmModel::new(
+                &id,
+                &path,
+                Box::new(factory),
+                draft.map(|d| (d, args.draft_len.max(1))),
+                args.pipeline,
+            )
+            .map_err(anyhow::Error::msg)?;
+            eprintln!("gateway: serving {id} from the swarm (peer {})", node.peer_id);
+            models.push(m);
+        }
+        return serve(args, Arc::new(SwarmBackend::new(models)));
+    }
     let mut models = Vec::new();
     for spec in &specs {
         let path = crate::resolve_model(spec)?;
@@ -35,6 +58,10 @@ pub fn run(args: &GatewayArgs) -> Result<()> {
         eprintln!("gateway: serving {id} from {}", path.display());
         models.push(m);
     }
+    serve(args, Arc::new(LocalBackend::new(models)))
+}
+
+fn serve(args: &GatewayArgs, backend: Arc<dyn specswarm_gateway::backend::Backend>) -> Result<()> {
     let keys = if args.no_auth {
         eprintln!("gateway: --no-auth: requests need no API key");
         None
@@ -47,7 +74,7 @@ pub fn run(args: &GatewayArgs) -> Result<()> {
         sessions_max: args.sessions_max.max(1),
         body_bytes_max: args.body_bytes_max,
     };
-    let state = AppState::new(Arc::new(LocalBackend::new(models)), keys, config);
+    let state = AppState::new(backend, keys, config);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.http_threads.max(1))
         .max_blocking_threads(args.parallel.max(1) + 8)

@@ -201,7 +201,7 @@ pub fn bootstrap(args: &BootstrapArgs) -> Result<()> {
 }
 
 /// A client node (fresh identity, DHT client mode) joined through `bootstrap`.
-fn client(bootstrap: &[String]) -> Result<P2pNode> {
+pub(crate) fn client(bootstrap: &[String]) -> Result<P2pNode> {
     let bootstrap = multiaddrs(bootstrap, "--bootstrap")?;
     let node = P2pNode::start(
         libp2p::identity::Keypair::generate_ed25519(),
@@ -444,4 +444,83 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The gateway's view of one model in the libp2p swarm: a background thread keeps the
+/// discovered workers fresh (handlers never wait on the DHT); each request gets its own ring.
+pub(crate) struct P2pRingFactory {
+    node: P2pNode,
+    model_id: [u8; 32],
+    model: String,
+    n_layers: u32,
+    cands: std::sync::Arc<std::sync::Mutex<Vec<Candidate>>>,
+    next_session: std::sync::atomic::AtomicU64,
+}
+
+impl P2pRingFactory {
+    pub(crate) fn start(node: P2pNode, model_id: [u8; 32], model: &str, n_layers: u32) -> P2pRingFactory {
+        let cands = std::sync::Arc::new(std::sync::Mutex::new(discover(&node, &model_id)));
+        let (n, c) = (node.clone(), std::sync::Arc::clone(&cands));
+        std::thread::Builder::new()
+            .name("swarm-discovery".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_secs(5));
+                    let fresh = discover(&n, &model_id);
+                    *c.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+                }
+            })
+            .expect("spawn the discovery thread");
+        let seed = u64::from_le_bytes(node.peer_id.to_bytes()[6..14].try_into().expect("8 bytes"));
+        P2pRingFactory {
+            node,
+            model_id,
+            model: model.to_string(),
+            n_layers,
+            cands,
+            next_session: std::sync::atomic::AtomicU64::new(seed),
+        }
+    }
+
+    fn snapshot(&self) -> Vec<Candidate> {
+        self.cands.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl specswarm_gateway::swarm::RingFactory for P2pRingFactory {
+    fn ring(&self, kv_tokens: usize) -> Result<Box<dyn specswarm_net::swarm_spec::SpecRing>, String> {
+        let session = self.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut ring = P2pRing::new(
+            self.node.clone(),
+            self.model_id,
+            self.n_layers,
+            self.snapshot(),
+            session,
+            Duration::from_secs(30),
+        );
+        ring.plan_connected(kv_tokens as u64).map_err(|e| e.to_string())?;
+        Ok(Box::new(ring))
+    }
+
+    fn available(&self) -> bool {
+        let c = self.snapshot();
+        let live: Vec<Candidate> = c.into_iter().filter(|c| c.rtt.is_some()).collect();
+        !live.is_empty() && specswarm_p2p::route::coverage_gaps(&live, self.n_layers).is_empty()
+    }
+
+    fn workers(&self) -> Vec<specswarm_gateway::backend::WorkerStatus> {
+        self.snapshot()
+            .iter()
+            .map(|c| specswarm_gateway::backend::WorkerStatus {
+                id: c.peer.to_string(),
+                address: c.record.addrs.first().cloned().unwrap_or_default(),
+                model: self.model.clone(),
+                layers: [c.record.start as usize, c.record.end as usize],
+                healthy: c.rtt.is_some(),
+                rtt_ms: c.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                tokens_per_s: c.record.throughput_tps,
+                active_sessions: 0,
+            })
+            .collect()
+    }
 }

@@ -341,3 +341,148 @@ fn libp2p_failover_after_kill_9_finishes_with_identical_tokens() {
     drop(procs);
     let _ = std::fs::remove_dir_all(&home);
 }
+
+/// One HTTP/1.1 request with `Connection: close`; returns (status, body).
+fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, raw.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string()))
+}
+
+/// `specswarm gateway` with `extra` arguments; its address.
+fn gateway(home: &Path, extra: &[&str]) -> (Child, std::net::SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_specswarm"))
+        .args(["gateway", "--listen", "127.0.0.1:0", "--no-auth", "--exit-on-stdin-eof"])
+        .args(extra)
+        .env("SPECSWARM_HOME", home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("gateway listening on http://").unwrap_or_else(|| panic!("{line:?}")).parse();
+    (child, addr.unwrap())
+}
+
+/// The gateway serving from the swarm: the model is available once a ring exists, its answers
+/// (plain and speculative, streamed or not) equal a gateway running the model locally, the
+/// dashboard lists the workers, and a client that disconnects mid-stream leaves the swarm
+/// serving.
+#[test]
+fn gateway_serves_from_the_swarm() {
+    let path = hub::ensure(hub::known("smollm2-135m").unwrap(), &mut |m| eprintln!("{m}")).unwrap();
+    let home = home("gateway");
+    let mut procs = Procs(Vec::new());
+    let (bs_child, bs) = bootstrap(&home);
+    procs.0.push(bs_child);
+    for w in [0usize, 10, 20, 30].windows(2) {
+        let (child, _) = worker(&home, &path, (w[0], w[1]), &bs);
+        procs.0.push(child);
+    }
+    let bs = bs.to_string();
+    let (c, swarm) = gateway(&home, &["--swarm", "--bootstrap", &bs, "--model", "smollm2-135m"]);
+    procs.0.push(c);
+    let (c, swarm_spec) = gateway(
+        &home,
+        &["--swarm", "--bootstrap", &bs, "--model", "smollm2-135m", "--draft", "suffix", "--pipeline", "3"],
+    );
+    procs.0.push(c);
+    let (c, local) = gateway(&home, &["--model", "smollm2-135m", "--threads", "1"]);
+    procs.0.push(c);
+    // Available once discovery has seen a whole ring.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for g in [swarm, swarm_spec] {
+        loop {
+            let (s, b) = http(g, "GET", "/v1/models", "");
+            assert_eq!(s, 200, "{b}");
+            let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+            if v["data"][0]["available"].as_bool() == Some(true) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the swarm gateway never saw a whole ring: {b}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let (s, b) = http(swarm, "GET", "/v1/swarm", "");
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v["workers"].as_array().map(Vec::len), Some(3), "{b}");
+    for p in ["Write a haiku about the sea.", "List the days of the week.", "Repeat: one two three one two three"] {
+        let body = serde_json::json!({
+            "model": "smollm2-135m",
+            "messages": [{"role": "user", "content": p}],
+            "max_tokens": 24,
+            "temperature": 0,
+        })
+        .to_string();
+        let (s, want) = http(local, "POST", "/v1/chat/completions", &body);
+        assert_eq!(s, 200, "{want}");
+        let want: serde_json::Value = serde_json::from_str(&want).unwrap();
+        let want = want["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+        for g in [swarm, swarm_spec] {
+            let (s, got) = http(g, "POST", "/v1/chat/completions", &body);
+            assert_eq!(s, 200, "{got}");
+            let got: serde_json::Value = serde_json::from_str(&got).unwrap();
+            assert_eq!(got["choices"][0]["message"]["content"].as_str().unwrap(), want, "{p:?}");
+        }
+        // Streamed through the swarm: the deltas concatenate to the same text.
+        let stream = serde_json::json!({
+            "model": "smollm2-135m", "messages": [{"role": "user", "content": p}],
+            "max_tokens": 24, "temperature": 0, "stream": true,
+        })
+        .to_string();
+        let (s, sse) = http(swarm_spec, "POST", "/v1/chat/completions", &stream);
+        assert_eq!(s, 200);
+        let text: String = sse
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+            .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(String::from))
+            .collect();
+        assert_eq!(text, want, "streamed {p:?}");
+        assert!(sse.contains("[DONE]"));
+    }
+    // A client that goes away mid-stream: the generation stops and the swarm keeps serving.
+    {
+        use std::io::Write;
+        let body = serde_json::json!({
+            "model": "smollm2-135m", "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 400, "stream": true,
+        })
+        .to_string();
+        let mut s = std::net::TcpStream::connect(swarm).unwrap();
+        write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut first = [0u8; 64];
+        let _ = std::io::Read::read(&mut s, &mut first).unwrap();
+        drop(s);
+    }
+    let body = serde_json::json!({
+        "model": "smollm2-135m", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8,
+    })
+    .to_string();
+    let (s, b) = http(swarm, "POST", "/v1/chat/completions", &body);
+    assert_eq!(s, 200, "{b}");
+    // Logprobs need logits, which never leave the tail: a clear 400.
+    let body = serde_json::json!({
+        "model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "logprobs": true,
+    })
+    .to_string();
+    let (s, b) = http(swarm, "POST", "/v1/chat/completions", &body);
+    assert_eq!(s, 400, "{b}");
+    drop(procs);
+    let _ = std::fs::remove_dir_all(&home);
+}

@@ -21,6 +21,7 @@ pub mod openai;
 pub mod pages;
 pub mod prompt;
 pub mod session;
+pub mod swarm;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

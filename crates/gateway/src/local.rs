@@ -43,7 +43,7 @@ impl DraftKind {
         }
     }
 
-    fn build(self) -> Box<dyn Drafter> {
+    pub(crate) fn build(self) -> Box<dyn Drafter> {
         match self {
             DraftKind::Ngram => Box::new(NgramDrafter::new(4, 1)),
             DraftKind::Suffix => Box::new(SuffixDrafter::new(16, 1 << 16)),

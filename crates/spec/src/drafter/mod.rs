@@ -61,3 +61,17 @@ pub trait Drafter: Send {
         false
     }
 }
+
+/// A drafter that never proposes: every round verifies the root alone, which is plain decoding
+/// with the token chosen where verification runs (the tail of a ring).
+pub struct NoDraft;
+
+impl Drafter for NoDraft {
+    fn name(&self) -> String {
+        "none".into()
+    }
+
+    fn propose(&mut self, _: &[u32], _: &DraftBudget) -> Result<DraftTree, SpecError> {
+        Ok(DraftTree::default())
+    }
+}
