@@ -205,10 +205,16 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
         depth: args.depth,
         path: path.clone(),
     };
-    let modes = [Mode::Plain, Mode::Chain, Mode::Tree, Mode::Pipelined];
+    let modes: Vec<Mode> = [Mode::Plain, Mode::Chain, Mode::Tree, Mode::Pipelined]
+        .into_iter()
+        .filter(|m| args.modes.split(',').any(|x| x.trim() == m.name()))
+        .collect();
+    if modes.is_empty() {
+        bail!("--modes names none of plain, chain, tree, pipelined");
+    }
     let mut rows = serde_json::Map::new();
     let mut totals = Vec::new();
-    for (m, mode) in modes.into_iter().enumerate() {
+    for (m, mode) in modes.iter().copied().enumerate() {
         let t = client.mode(mode, 1000 * (m as u64 + 1))?;
         eprintln!(
             "  {:<10} {:>7.1} tok/s  a {:.2}  {:.2} tok/round  T {:.1} ms",
@@ -224,7 +230,8 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
     for (mode, t) in &totals {
         // One traversal of this mode's batches: pipelined rounds wait in a queue, so their T is
         // the chain's.
-        let traversal_ms = if *mode == Mode::Pipelined { t_of(Mode::Chain) } else { t.traversal_ms() };
+        let traversal_ms =
+            if *mode == Mode::Pipelined && modes.contains(&Mode::Chain) { t_of(Mode::Chain) } else { t.traversal_ms() };
         let a = t.acceptance();
         let ceiling = 1000.0 / ((1.0 - a).max(1e-9) * traversal_ms.max(1e-9));
         rows.insert(
@@ -243,10 +250,21 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
         );
     }
     // Concurrent streams of the faster speculative mode.
-    let best = if totals[3].1.tokens_per_s() > totals[1].1.tokens_per_s() { Mode::Pipelined } else { Mode::Chain };
+    let tps = |mode: Mode| totals.iter().find(|(m, _)| *m == mode).map_or(0.0, |(_, t)| t.tokens_per_s());
+    let best = [Mode::Pipelined, Mode::Chain, Mode::Tree, Mode::Plain]
+        .into_iter()
+        .filter(|&m| modes.contains(&m))
+        .max_by(|&a, &b| tps(a).total_cmp(&tps(b)))
+        .expect("at least one mode");
     let mut streams = serde_json::Map::new();
     let mut one = 0.0;
-    for k in args.streams.split(',').map(|s| s.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>()? {
+    let counts: Vec<usize> = args
+        .streams
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse::<usize>())
+        .collect::<Result<_, _>>()?;
+    for k in counts {
         let (agg, t) = client.streams(best, k, 100_000 * k as u64)?;
         if k == 1 {
             one = agg;
@@ -263,7 +281,7 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
             }),
         );
     }
-    let plain = totals[0].1.tokens_per_s();
+    let plain = tps(Mode::Plain);
     let best_single = totals.iter().map(|(_, t)| t.tokens_per_s()).fold(0.0, f64::max);
     Ok(json!({
         "model": args.model,
@@ -325,6 +343,7 @@ pub fn swarm(args: &BenchSwarmArgs) -> Result<()> {
         tree_budget: args.tree_budget,
         depth: args.depth,
         streams: args.streams.clone(),
+        modes: args.modes.clone(),
         delay_ms: 0.0,
     };
     let result = match args.emulator.as_str() {
@@ -384,7 +403,7 @@ pub fn swarm(args: &BenchSwarmArgs) -> Result<()> {
                 .args(["--workers", &addrs.join(","), "--max-tokens", &args.max_tokens.to_string()])
                 .args(["--prompts", &args.prompts, "--draft", &args.draft, "--draft-len", &args.draft_len.to_string()])
                 .args(["--tree-budget", &args.tree_budget.to_string(), "--depth", &args.depth.to_string()])
-                .args(["--streams", &args.streams])
+                .args(["--streams", &args.streams, "--modes", &args.modes])
                 .stderr(Stdio::inherit())
                 .output()?;
             if !out.status.success() {

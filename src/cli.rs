@@ -296,9 +296,12 @@ pub struct BenchRingArgs {
     /// Most rounds in flight in the pipelined mode.
     #[arg(long, default_value_t = 4)]
     pub depth: usize,
-    /// Comma-separated concurrent stream counts.
+    /// Comma-separated concurrent stream counts (empty: none).
     #[arg(long, default_value = "1,4,8")]
     pub streams: String,
+    /// Comma-separated modes to measure: plain, chain, tree, pipelined.
+    #[arg(long, default_value = "plain,chain,tree,pipelined")]
+    pub modes: String,
     /// One-way delay this client adds to every frame it sends (in-process emulator), ms.
     #[arg(long, default_value_t = 0.0)]
     pub delay_ms: f64,
@@ -336,9 +339,12 @@ pub struct BenchSwarmArgs {
     /// Most rounds in flight in the pipelined mode.
     #[arg(long, default_value_t = 4)]
     pub depth: usize,
-    /// Comma-separated concurrent stream counts.
+    /// Comma-separated concurrent stream counts (empty: none).
     #[arg(long, default_value = "1,4,8")]
     pub streams: String,
+    /// Comma-separated modes to measure: plain, chain, tree, pipelined.
+    #[arg(long, default_value = "plain,chain,tree,pipelined")]
+    pub modes: String,
     #[arg(long)]
     pub json: bool,
 }
