@@ -43,11 +43,15 @@ impl Mode {
 /// Totals over the prompts of one mode.
 #[derive(Default)]
 struct Totals {
+    /// Tokens generated (all of them).
+    generated: usize,
+    /// Tokens after each request's first, over `seconds` (the decode rate).
     tokens: usize,
     seconds: f64,
     rounds: usize,
     misses: usize,
     traversal_s: f64,
+    timed_rounds: usize,
     drafted: usize,
     accepted: usize,
     depth_sum: usize,
@@ -56,11 +60,14 @@ struct Totals {
 
 impl Totals {
     fn add(&mut self, s: &SwarmSpecStats) {
-        self.tokens += s.generated_tokens;
-        self.seconds += s.decode.as_secs_f64();
+        // Decode rate: after the first token (whose verdict pays for the session and prompt).
+        self.generated += s.generated_tokens;
+        self.tokens += s.generated_tokens.saturating_sub(1);
+        self.seconds += s.decode.saturating_sub(s.time_to_first_token).as_secs_f64();
         self.rounds += s.rounds;
         self.misses += s.misses;
         self.traversal_s += s.traversal_s_sum;
+        self.timed_rounds += s.timed_rounds;
         self.drafted += s.drafted_nodes;
         self.accepted += s.accepted_tokens;
         self.depth_sum += s.depth_sum;
@@ -70,10 +77,10 @@ impl Totals {
         self.tokens as f64 / self.seconds.max(1e-9)
     }
     fn acceptance(&self) -> f64 {
-        1.0 - self.misses as f64 / self.tokens.max(1) as f64
+        1.0 - self.misses as f64 / self.generated.max(1) as f64
     }
     fn traversal_ms(&self) -> f64 {
-        1000.0 * self.traversal_s / self.rounds.max(1) as f64
+        1000.0 * self.traversal_s / self.timed_rounds.max(1) as f64
     }
 }
 
@@ -167,12 +174,15 @@ impl Client {
         let mut all = Totals::default();
         for r in results {
             let r = r?;
+            all.generated += r.generated;
             all.tokens += r.tokens;
             all.rounds += r.rounds;
             all.misses += r.misses;
             all.traversal_s += r.traversal_s;
+            all.timed_rounds += r.timed_rounds;
         }
-        Ok((all.tokens as f64 / wall, all))
+        // Aggregate: every token over the wall time (sessions opened and prompts included).
+        Ok((all.generated as f64 / wall, all))
     }
 }
 
@@ -221,7 +231,7 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
             mode.name(),
             t.tokens_per_s(),
             t.acceptance(),
-            t.tokens as f64 / t.rounds.max(1) as f64,
+            t.generated as f64 / t.rounds.max(1) as f64,
             t.traversal_ms()
         );
         totals.push((mode, t));
@@ -240,7 +250,7 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
                 "tokens_per_s": t.tokens_per_s(),
                 "acceptance_rate": a,
                 "draft_acceptance": t.accepted as f64 / t.drafted.max(1) as f64,
-                "tokens_per_round": t.tokens as f64 / t.rounds.max(1) as f64,
+                "tokens_per_round": t.generated as f64 / t.rounds.max(1) as f64,
                 "traversal_ms": traversal_ms,
                 "ceiling_tokens_per_s": ceiling,
                 "percent_of_ceiling": 100.0 * t.tokens_per_s() / ceiling,
@@ -275,7 +285,7 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
             json!({
                 "tokens_per_s": agg,
                 "acceptance_rate": t.acceptance(),
-                "tokens_per_round": t.tokens as f64 / t.rounds.max(1) as f64,
+                "tokens_per_round": t.generated as f64 / t.rounds.max(1) as f64,
                 "traversal_ms": t.traversal_ms(),
                 "speedup_vs_one_stream": if one > 0.0 { agg / one } else { 0.0 },
             }),

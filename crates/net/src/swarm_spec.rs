@@ -71,18 +71,27 @@ pub struct SwarmSpecStats {
     /// missed the drafts): each costs at least one traversal.
     pub misses: usize,
     pub failovers: usize,
-    /// Sum and count of send → verdict times of the rounds used.
+    /// Sum and count of send → verdict times of the rounds used, the first excluded (it waits
+    /// for the prompt's prefill).
     pub traversal_s_sum: f64,
+    pub timed_rounds: usize,
     pub decode: Duration,
+    /// From the start of the request to the first verdict (session open and prompt prefill
+    /// included): the "prefill" of a swarm request.
+    pub time_to_first_token: Duration,
+    /// When the request started (for `time_to_first_token`).
+    pub started: Option<Instant>,
     /// Mean pipeline depth over rounds sent.
     pub depth_sum: usize,
     pub rounds_sent: usize,
 }
 
 impl SwarmSpecStats {
+    /// Tokens after the first over the time after the first (the first verdict pays for opening
+    /// the session and the prompt), like plain decoding's decode rate.
     pub fn decode_tokens_per_s(&self) -> f64 {
-        let s = self.decode.as_secs_f64();
-        if s == 0.0 { 0.0 } else { self.generated_tokens as f64 / s }
+        let s = self.decode.saturating_sub(self.time_to_first_token).as_secs_f64();
+        if s == 0.0 { 0.0 } else { self.generated_tokens.saturating_sub(1) as f64 / s }
     }
 
     /// Probability that the target's token was among those sent (DESIGN §3's `a`).
@@ -101,7 +110,7 @@ impl SwarmSpecStats {
 
     /// Mean send → verdict time of one round (seconds).
     pub fn traversal_s(&self) -> f64 {
-        if self.rounds == 0 { 0.0 } else { self.traversal_s_sum / self.rounds as f64 }
+        if self.timed_rounds == 0 { 0.0 } else { self.traversal_s_sum / self.timed_rounds as f64 }
     }
 
     pub fn mean_depth(&self) -> f64 {
@@ -311,6 +320,7 @@ pub fn generate_on_ring(
         return Ok((state.out, FinishReason::Length, stats));
     }
     let t0 = Instant::now();
+    stats.started = Some(t0);
     loop {
         let result =
             open_and_replay(ring, kv_tokens, &verify, &state.seq).map_err(SwarmSpecError::Ring).and_then(|()| {
@@ -318,6 +328,8 @@ pub fn generate_on_ring(
             });
         match result {
             Ok(()) => {
+                // Every token is out: closing the sessions is cleanup, not decoding time.
+                stats.decode = t0.elapsed();
                 ring.close_session();
                 break;
             }
@@ -335,7 +347,6 @@ pub fn generate_on_ring(
             }
         }
     }
-    stats.decode = t0.elapsed();
     stats.generated_tokens = state.out.len();
     drafter.finish(&state.out);
     let finish = state.finish.unwrap_or(FinishReason::Length);
@@ -485,7 +496,12 @@ fn run_rounds(
         let round = in_flight.pop_front().expect("checked above");
         let traversal_s = round.sent.elapsed().as_secs_f64();
         stats.rounds += 1;
-        stats.traversal_s_sum += traversal_s;
+        if stats.rounds == 1 {
+            stats.time_to_first_token = stats.started.map_or(Duration::ZERO, |t| t.elapsed());
+        } else {
+            stats.traversal_s_sum += traversal_s;
+            stats.timed_rounds += 1;
+        }
         let path_ok = accepted.windows(2).all(|w| round.tree.parents[w[1] as usize] == w[0] as i32)
             && accepted.first().is_none_or(|&c| round.tree.parents.get(c as usize) == Some(&-1))
             && accepted.iter().all(|&i| (i as usize) < round.tree.len());
