@@ -556,10 +556,15 @@ impl Visibility {
 }
 
 type AttnScratch = (Vec<f32>, Vec<f32>, Vec<bool>);
+type GroupScratch = (Vec<(usize, usize)>, Vec<f32>, Vec<f32>, Vec<usize>);
 
 thread_local! {
     /// Per-thread attention buffers: masked scores, slot accumulators, filled slots.
     static SCRATCH: std::cell::Cell<AttnScratch> = const { std::cell::Cell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// Per-thread buffers of the grouped attention: keys, masked scores and probabilities per
+    /// head, value row per position.
+    static GSCRATCH: std::cell::Cell<GroupScratch> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// Attention of every (row, head) as llama.cpp's CPU backend computes it (f16 K/V cache, no
@@ -653,7 +658,84 @@ fn attention(
     };
     let n_rows = positions.len() * nh;
     let keys = base + positions.len();
-    if n_rows * keys * hd < 1 << 15 {
+    let parallel = n_rows * keys * hd >= 1 << 15;
+    // The query heads of one KV head together: each key and value row is loaded once for the
+    // group, every (row, head) keeps its exact operation sequence. Zero probabilities then add
+    // their +-0 products, which leaves the slots unchanged only for finite values, so the grouped
+    // path requires a finite V cache.
+    let width = if batched { 16 } else { 64 };
+    if hd.is_multiple_of(if batched { 16 } else { 64 })
+        && hdv.is_multiple_of(16)
+        && group <= 64
+        && specswarm_kernels::simd_available()
+        && lkv.v[..keys * v_dim].iter().all(|v| v.is_finite())
+    {
+        let gwork = |idx: usize, o: &mut [f32]| {
+            let (i, kvh) = (idx / cfg.n_kv_heads, idx % cfg.n_kv_heads);
+            let qg = &q[(i * nh + kvh * group) * hd..][..group * hd];
+            let p = positions[i] as usize;
+            let visible = |kp: usize| window.is_none_or(|w| p - kp < w);
+            let lo = window.map_or(0, |w| (p + 1).saturating_sub(w)).min(base);
+            let mut guard = GSCRATCH.with(|s| s.take());
+            let (keys, wp, pr, rows) = &mut guard;
+            keys.clear();
+            keys.extend((lo..base).map(|r| (r, r)));
+            match vis {
+                Visibility::Causal => keys.extend(
+                    (0..=i).filter(|&j| visible(positions[j] as usize)).map(|j| (base + j, positions[j] as usize)),
+                ),
+                Visibility::Tree(lists) => keys.extend(
+                    lists[i]
+                        .iter()
+                        .map(|&j| j as usize)
+                        .filter(|&j| visible(positions[j] as usize))
+                        .map(|j| (base + j, positions[j] as usize)),
+                ),
+            }
+            let hi = keys.last().map_or(0, |&(_, kp)| kp + 1);
+            let (n16, nw) = (hi.next_multiple_of(16), hi.next_multiple_of(width));
+            wp.clear();
+            wp.resize(group * n16, f32::NEG_INFINITY);
+            pr.clear();
+            pr.resize(group * nw, 0.0);
+            rows.clear();
+            // Positions without a key get probability 0 and any (finite) value row.
+            let any_row = keys.first().map_or(0, |&(r, _)| r * v_dim + kvh * hdv);
+            rows.resize(nw, any_row);
+            let mut s = [0f32; 64];
+            let dots = if batched { ggml_math::dot_f16_batched_heads } else { ggml_math::dot_f16_heads };
+            for &(r, kp) in keys.iter() {
+                dots(qg, &lkv.k[r * k_dim + kvh * hd..][..hd], &mut s[..group]);
+                for (g, &s) in s[..group].iter().enumerate() {
+                    let s = if cfg.scale_query { s } else { s * cfg.attn_scale };
+                    wp[g * n16 + kp] = match cfg.attn_softcap {
+                        Some(c) => (s / c).tanh() * c,
+                        None => s,
+                    };
+                }
+                rows[kp] = r * v_dim + kvh * hdv;
+            }
+            for g in 0..group {
+                let w = &mut wp[g * n16..][..n16];
+                let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum = ggml_math::exp_sum(w, max);
+                let inv = (1.0 / sum) as f32;
+                let pg = &mut pr[g * nw..][..nw];
+                for &(_, kp) in keys.iter() {
+                    pg[kp] = half::f16::from_f32(w[kp] * inv).to_f32();
+                }
+            }
+            ggml_math::slot_sum_heads(width, pr, nw, &lkv.v, rows, hdv, o);
+            GSCRATCH.with(|s| s.set(guard));
+        };
+        if parallel {
+            out.par_chunks_exact_mut(group * hdv).enumerate().for_each(|(idx, o)| gwork(idx, o));
+        } else {
+            out.chunks_exact_mut(group * hdv).enumerate().for_each(|(idx, o)| gwork(idx, o));
+        }
+        return;
+    }
+    if !parallel {
         out.chunks_exact_mut(hdv).enumerate().for_each(|(idx, o)| work(idx, o));
     } else {
         out.par_chunks_exact_mut(hdv).enumerate().for_each(|(idx, o)| work(idx, o));

@@ -243,6 +243,105 @@ pub fn reduce_slot_rows(acc: &[f32], filled: &[bool], width: usize, n: usize, ou
     }
 }
 
+/// [`dot_f16_batched`] of one key row `k` with each of `out.len()` query heads stored back to
+/// back in `q` (head `h` is `q[h * k.len()..][..k.len()]`): the same arithmetic per head, with
+/// the key loaded once for up to four heads (independent accumulator chains).
+pub fn dot_f16_batched_heads(q: &[f32], k: &[f32], out: &mut [f32]) {
+    let n = k.len();
+    assert_eq!(q.len(), n * out.len(), "dot_f16_batched_heads: lengths");
+    #[cfg(target_arch = "x86_64")]
+    if n.is_multiple_of(16) && crate::dot::simd_available() {
+        for (qc, oc) in q.chunks(4 * n).zip(out.chunks_mut(4)) {
+            // SAFETY: AVX2/FMA detected; qc holds oc.len() heads of n (a multiple of 16) values.
+            unsafe {
+                match oc.len() {
+                    1 => avx2::dots16::<1>(qc, k, oc),
+                    2 => avx2::dots16::<2>(qc, k, oc),
+                    3 => avx2::dots16::<3>(qc, k, oc),
+                    _ => avx2::dots16::<4>(qc, k, oc),
+                }
+            }
+        }
+        return;
+    }
+    for (qh, o) in q.chunks_exact(n.max(1)).zip(out.iter_mut()) {
+        *o = dot_f16_batched(qh, k);
+    }
+}
+
+/// [`dot_f16`] of one key row `k` (a multiple of 64 long) with each of `out.len()` query heads
+/// stored back to back in `q`: the same arithmetic per head, the key loaded once per group.
+pub fn dot_f16_heads(q: &[f32], k: &[f32], out: &mut [f32]) {
+    let n = k.len();
+    assert_eq!(q.len(), n * out.len(), "dot_f16_heads: lengths");
+    #[cfg(target_arch = "x86_64")]
+    if n.is_multiple_of(64) && crate::dot::simd_available() {
+        for (qc, oc) in q.chunks(4 * n).zip(out.chunks_mut(4)) {
+            // SAFETY: AVX2/FMA detected; qc holds oc.len() heads of n (a multiple of 64) values.
+            unsafe {
+                match oc.len() {
+                    1 => oc[0] = avx2::dot_f16_64(qc, k),
+                    2 => avx2::dots64::<2, 4>(qc, k, oc),
+                    3 => avx2::dots64::<3, 2>(qc, k, oc),
+                    _ => avx2::dots64::<4, 2>(qc, k, oc),
+                }
+            }
+        }
+        return;
+    }
+    for (qh, o) in q.chunks_exact(n.max(1)).zip(out.iter_mut()) {
+        *o = dot_f16(qh, k);
+    }
+}
+
+/// The probability-weighted sum of value rows of llama.cpp's f16 matmul: the batched (tinyBLAS)
+/// matmul (`width` 16) or of `ggml_vec_dot_f16` (`width` 64), for `heads = out.len() / hdv`
+/// heads sharing the value rows: for head `h` and column `c`, slot `s` accumulates
+/// `p[h * n + kp] * v[rows[kp] + c]` by FMA from +0 over the positions `kp ≡ s (mod width)` in
+/// ascending order, and the slots are reduced as [`reduce_slot_rows`] does. `n` is a multiple
+/// of `width` and every `rows[kp] + hdv <= v.len()`. A zero
+/// probability still adds its (signed zero) product, which changes nothing when the value row
+/// is finite.
+pub fn slot_sum_heads(width: usize, p: &[f32], n: usize, v: &[f32], rows: &[usize], hdv: usize, out: &mut [f32]) {
+    assert!(width == 16 || width == 64, "slot_sum_heads: width {width}");
+    assert!(n.is_multiple_of(width) && rows.len() == n, "slot_sum_heads: positions");
+    assert!(hdv > 0 && out.len().is_multiple_of(hdv), "slot_sum_heads: columns");
+    let heads = out.len() / hdv;
+    assert_eq!(p.len(), heads * n, "slot_sum_heads: probabilities");
+    assert!(rows.iter().all(|&r| r + hdv <= v.len()), "slot_sum_heads: value rows");
+    #[cfg(target_arch = "x86_64")]
+    if hdv.is_multiple_of(16) && crate::dot::simd_available() {
+        for (pc, oc) in p.chunks(4 * n).zip(out.chunks_mut(4 * hdv)) {
+            // SAFETY: AVX2/FMA detected; lengths and row bounds checked above.
+            unsafe {
+                match (width, oc.len() / hdv) {
+                    (16, 1) => avx2::slot_sum::<16, 1, 4>(pc, n, v, rows, hdv, oc),
+                    (16, 2) => avx2::slot_sum::<16, 2, 2>(pc, n, v, rows, hdv, oc),
+                    (16, 3) => avx2::slot_sum::<16, 3, 1>(pc, n, v, rows, hdv, oc),
+                    (16, _) => avx2::slot_sum::<16, 4, 1>(pc, n, v, rows, hdv, oc),
+                    (_, 1) => avx2::slot_sum::<64, 1, 4>(pc, n, v, rows, hdv, oc),
+                    (_, 2) => avx2::slot_sum::<64, 2, 2>(pc, n, v, rows, hdv, oc),
+                    (_, 3) => avx2::slot_sum::<64, 3, 1>(pc, n, v, rows, hdv, oc),
+                    _ => avx2::slot_sum::<64, 4, 1>(pc, n, v, rows, hdv, oc),
+                }
+            }
+        }
+        return;
+    }
+    let mut acc = vec![0f32; width * hdv];
+    let filled = vec![true; width];
+    for (ph, o) in p.chunks_exact(n.max(1)).zip(out.chunks_exact_mut(hdv)) {
+        acc.fill(0.0);
+        for (kp, &r) in rows.iter().enumerate() {
+            let a = &mut acc[(kp % width) * hdv..][..hdv];
+            for (y, &x) in a.iter_mut().zip(&v[r..r + hdv]) {
+                *y = ph[kp].mul_add(x, *y);
+            }
+        }
+        reduce_slot_rows(&acc, &filled, width, hdv, o);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_op_in_unsafe_fn)]
 mod avx2 {
@@ -365,6 +464,132 @@ mod avx2 {
         }
     }
 
+    /// `G` heads of [`super::dot_f16_batched`] against one key (`n = k.len()`, a multiple of 16).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dots16<const G: usize>(q: &[f32], k: &[f32], out: &mut [f32]) {
+        let n = k.len();
+        let (qp, kp) = (q.as_ptr(), k.as_ptr());
+        let mut lo = [_mm256_setzero_ps(); G];
+        let mut hi = [_mm256_setzero_ps(); G];
+        let mut i = 0;
+        while i < n {
+            let k0 = _mm256_loadu_ps(kp.add(i));
+            let k1 = _mm256_loadu_ps(kp.add(i + 8));
+            for g in 0..G {
+                let qg = qp.add(g * n + i);
+                lo[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qg), k0, lo[g]);
+                hi[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qg.add(8)), k1, hi[g]);
+            }
+            i += 16;
+        }
+        for g in 0..G {
+            out[g] = reduce16v(lo[g], hi[g]);
+        }
+    }
+
+    /// `G` heads of [`super::dot_f16`] against one key (`n = k.len()`, a multiple of 64): the
+    /// eight accumulators of each head, `K` at a time.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dots64<const G: usize, const K: usize>(q: &[f32], k: &[f32], out: &mut [f32]) {
+        let n = k.len();
+        let (qp, kp) = (q.as_ptr(), k.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); 8]; G];
+        let mut k0 = 0;
+        while k0 < 8 {
+            let mut a = [[_mm256_setzero_ps(); K]; G];
+            let mut c = 0;
+            while c < n {
+                for t in 0..K {
+                    let kv = _mm256_loadu_ps(kp.add(c + 8 * (k0 + t)));
+                    for g in 0..G {
+                        a[g][t] = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(g * n + c + 8 * (k0 + t))), kv, a[g][t]);
+                    }
+                }
+                c += 64;
+            }
+            for g in 0..G {
+                for t in 0..K {
+                    acc[g][k0 + t] = a[g][t];
+                }
+            }
+            k0 += K;
+        }
+        for g in 0..G {
+            let a = &acc[g];
+            let lo = _mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6]));
+            let hi = _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7]));
+            out[g] = reduce16v(lo, hi);
+        }
+    }
+
+    /// [`super::slot_sum_heads`] for `W` slots, `G` heads, `S` slots at a time, 16 columns at a
+    /// time.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn slot_sum<const W: usize, const G: usize, const S: usize>(
+        p: &[f32],
+        n: usize,
+        v: &[f32],
+        rows: &[usize],
+        hdv: usize,
+        out: &mut [f32],
+    ) {
+        let (pp, vp) = (p.as_ptr(), v.as_ptr());
+        let mut tile = [[[_mm256_setzero_ps(); 2]; W]; G];
+        let mut j = 0;
+        while j < hdv {
+            let mut s0 = 0;
+            while s0 < W {
+                let mut a = [[[_mm256_setzero_ps(); 2]; S]; G];
+                let mut base = 0;
+                while base < n {
+                    for t in 0..S {
+                        let kp = base + s0 + t;
+                        let vr = vp.add(*rows.get_unchecked(kp) + j);
+                        let v0 = _mm256_loadu_ps(vr);
+                        let v1 = _mm256_loadu_ps(vr.add(8));
+                        for g in 0..G {
+                            let pb = _mm256_broadcast_ss(&*pp.add(g * n + kp));
+                            a[g][t][0] = _mm256_fmadd_ps(pb, v0, a[g][t][0]);
+                            a[g][t][1] = _mm256_fmadd_ps(pb, v1, a[g][t][1]);
+                        }
+                    }
+                    base += W;
+                }
+                for g in 0..G {
+                    for t in 0..S {
+                        tile[g][s0 + t] = a[g][t];
+                    }
+                }
+                s0 += S;
+            }
+            for g in 0..G {
+                for c in 0..2 {
+                    let t = |l: usize| tile[g][l][c];
+                    let x = |l: usize| {
+                        if W == 64 {
+                            _mm256_add_ps(_mm256_add_ps(t(l), t(32 + l)), _mm256_add_ps(t(16 + l), t(48 + l)))
+                        } else {
+                            t(l)
+                        }
+                    };
+                    let mut t3 = [_mm256_setzero_ps(); 8];
+                    for (i, t) in t3.iter_mut().enumerate() {
+                        *t = _mm256_add_ps(x(8 + i), x(i));
+                    }
+                    let t6 = [
+                        _mm256_add_ps(t3[4], t3[0]),
+                        _mm256_add_ps(t3[5], t3[1]),
+                        _mm256_add_ps(t3[6], t3[2]),
+                        _mm256_add_ps(t3[7], t3[3]),
+                    ];
+                    let r = _mm256_add_ps(_mm256_add_ps(t6[0], t6[2]), _mm256_add_ps(t6[1], t6[3]));
+                    _mm256_storeu_ps(out.as_mut_ptr().add(g * hdv + j + 8 * c), r);
+                }
+            }
+            j += 16;
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn silu_mul(g: &mut [f32], u: &[f32]) {
         let one = _mm256_set1_ps(1.0);
@@ -409,6 +634,64 @@ mod tests {
         silu_mul(&mut g, &u);
         for (got, &x) in g.iter().zip(&xs) {
             assert_eq!(got.to_bits(), (x / (1.0 + expf(0.0 - x)) * 1.5).to_bits(), "{x}");
+        }
+    }
+
+    #[test]
+    fn grouped_heads_equal_single_heads() {
+        let f16 = |x: f32| half::f16::from_f32(x).to_f32();
+        let val = |i: usize, m: usize| f16(((i * m % 1999) as f32 - 999.0) * 0.0031);
+        for heads in 1..=6 {
+            let hd = 128;
+            let q: Vec<f32> = (0..heads * hd).map(|i| val(i, 7919)).collect();
+            let k: Vec<f32> = (0..hd).map(|i| val(i, 104_729)).collect();
+            let mut got = vec![0f32; heads];
+            dot_f16_heads(&q, &k, &mut got);
+            for h in 0..heads {
+                assert_eq!(got[h].to_bits(), dot_f16(&q[h * hd..][..hd], &k).to_bits());
+            }
+            dot_f16_batched_heads(&q, &k, &mut got);
+            for h in 0..heads {
+                assert_eq!(got[h].to_bits(), dot_f16_batched(&q[h * hd..][..hd], &k).to_bits());
+            }
+            for width in [16, 64] {
+                let (hdv, n_rows, n) = (32, 150, 160usize.next_multiple_of(width));
+                let v: Vec<f32> = (0..n_rows * hdv).map(|i| val(i, 31_337)).collect();
+                let rows: Vec<usize> = (0..n).map(|kp| (kp * 37 % n_rows) * hdv).collect();
+                // Some zero probabilities, the rest f16 values.
+                let p: Vec<f32> = (0..heads * n)
+                    .map(|i| if i % 5 == 0 || i % n >= 150 { 0.0 } else { f16((i % 97) as f32 * 1e-3) })
+                    .collect();
+                let mut out = vec![0f32; heads * hdv];
+                slot_sum_heads(width, &p, n, &v, &rows, hdv, &mut out);
+                for h in 0..heads {
+                    // The one-head reference: skip zero probabilities, fill slots on first use.
+                    let mut acc = vec![0f32; width * hdv];
+                    let mut filled = vec![false; width];
+                    for kp in 0..n {
+                        let ph = p[h * n + kp];
+                        if ph == 0.0 {
+                            continue;
+                        }
+                        let sl = kp % width;
+                        let a = &mut acc[sl * hdv..][..hdv];
+                        if !filled[sl] {
+                            a.fill(0.0);
+                            filled[sl] = true;
+                        }
+                        crate::axpy_f32(ph, &v[rows[kp]..][..hdv], a);
+                    }
+                    let mut want = vec![0f32; hdv];
+                    reduce_slot_rows(&acc, &filled, width, hdv, &mut want);
+                    for c in 0..hdv {
+                        assert_eq!(
+                            out[h * hdv + c].to_bits(),
+                            want[c].to_bits(),
+                            "{heads} heads, width {width}, head {h}, column {c}"
+                        );
+                    }
+                }
+            }
         }
     }
 
