@@ -392,6 +392,7 @@ fn gateway_serves_from_the_swarm() {
         let (child, _) = worker(&home, &path, (w[0], w[1]), &bs);
         procs.0.push(child);
     }
+    let bs_addr = bs.clone();
     let bs = bs.to_string();
     let (c, swarm) = gateway(&home, &["--swarm", "--bootstrap", &bs, "--model", "smollm2-135m"]);
     procs.0.push(c);
@@ -483,6 +484,27 @@ fn gateway_serves_from_the_swarm() {
     .to_string();
     let (s, b) = http(swarm, "POST", "/v1/chat/completions", &body);
     assert_eq!(s, 400, "{b}");
+    // No session is left on any stage (the disconnected stream's included): every worker's
+    // published free KV returns to its total (records refresh every 20 s; a leaked session
+    // would hold its KV until the 300 s idle eviction).
+    let node = client(&bs_addr);
+    let model_id = specswarm_net::model_id(&path).unwrap();
+    let total = specswarm_net::stage::StageLimits::default().kv_tokens_total_max as u64;
+    let after_ms = specswarm_p2p::record::unix_ms();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        // Only records published after the requests ended count.
+        let free: Vec<u64> = discover(&node, &model_id)
+            .iter()
+            .filter(|c| c.record.published_unix_ms >= after_ms)
+            .map(|c| c.record.free_kv_tokens)
+            .collect();
+        if free.len() == 3 && free.iter().all(|&f| f == total) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "stage sessions still hold KV: free {free:?} of {total}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
     drop(procs);
     let _ = std::fs::remove_dir_all(&home);
 }
