@@ -113,7 +113,7 @@ impl Client {
             adaptive_depth: true,
             failovers_max: 0,
         };
-        let mut plan = RingPlan { session, ..self.plan_clone() };
+        let mut plan = RingPlan { session, ..self.plan.clone() };
         // A fresh drafter per request: nothing learnt from earlier runs of the same prompt.
         let mut drafter = self.drafter(mode)?;
         let mut policy = Policy::new(PolicyMode::Fixed(budget));
@@ -130,15 +130,6 @@ impl Client {
             &mut |_| true,
         )?;
         Ok(stats)
-    }
-
-    fn plan_clone(&self) -> RingPlan {
-        RingPlan {
-            addrs: self.plan.addrs.clone(),
-            spec: self.plan.spec.clone(),
-            session: self.plan.session,
-            timeout: self.plan.timeout,
-        }
     }
 
     fn mode(&self, mode: Mode, session0: u64) -> Result<Totals> {

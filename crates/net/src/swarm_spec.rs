@@ -172,6 +172,7 @@ pub trait SpecRing {
 }
 
 /// Everything needed to (re)build a TCP ring.
+#[derive(Clone, Debug)]
 pub struct RingPlan {
     pub addrs: Vec<SocketAddr>,
     pub spec: RingSpec,
@@ -469,7 +470,7 @@ fn run_rounds(
                 let room = room - 1;
                 let keep: Vec<usize> =
                     (0..tree.len()).filter(|&i| i < budget.max_nodes && tree.depth(i) <= room).collect();
-                (if keep.len() == tree.len() { tree } else { prune(&tree, &keep) }, None)
+                (if keep.len() == tree.len() { tree } else { tree.prune(&keep) }, None)
             };
             let causal = tree.is_chain();
             let root = *spec_seq.last().expect("never empty");
@@ -583,21 +584,6 @@ fn spine(tree: &DraftTree) -> Vec<u32> {
     while let Some(c) = tree.children(at).next() {
         out.push(tree.tokens[c]);
         at = Some(c);
-    }
-    out
-}
-
-/// The subtree made of `keep` (indices in order; nodes whose parent is dropped are dropped).
-fn prune(tree: &DraftTree, keep: &[usize]) -> DraftTree {
-    let mut map = vec![-1i32; tree.len()];
-    let mut out = DraftTree::default();
-    for &i in keep {
-        let p = tree.parents[i];
-        if p >= 0 && map[p as usize] < 0 {
-            continue;
-        }
-        let np = if p < 0 { -1 } else { map[p as usize] };
-        map[i] = out.push(tree.tokens[i], np, tree.probs[i]) as i32;
     }
     out
 }

@@ -114,7 +114,7 @@ pub fn generate_speculative(
         let keep_nodes: Vec<usize> =
             (0..tree.len()).filter(|&i| i < budget.max_nodes && tree.depth(i) <= room).collect();
         if keep_nodes.len() != tree.len() {
-            tree = prune(&tree, &keep_nodes);
+            tree = tree.prune(&keep_nodes);
         }
         let root = *seq.last().expect("sequence is never empty");
         let tokens = tree.batch_tokens(root);
@@ -162,19 +162,4 @@ pub fn generate_speculative(
     stats.generated_tokens = out.len();
     drafter.finish(&out);
     Ok((out, finish, stats))
-}
-
-/// The subtree made of `keep` (indices in order; a kept node's parent must be kept).
-fn prune(tree: &crate::tree::DraftTree, keep: &[usize]) -> crate::tree::DraftTree {
-    let mut map = vec![-1i32; tree.len()];
-    let mut out = crate::tree::DraftTree::default();
-    for &i in keep {
-        let p = tree.parents[i];
-        if p >= 0 && map[p as usize] < 0 {
-            continue;
-        }
-        let np = if p < 0 { -1 } else { map[p as usize] };
-        map[i] = out.push(tree.tokens[i], np, tree.probs[i]) as i32;
-    }
-    out
 }

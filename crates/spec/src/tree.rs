@@ -87,6 +87,22 @@ impl DraftTree {
         std::iter::once(root).chain(self.tokens.iter().copied()).collect()
     }
 
+    /// The subtree made of the nodes in `keep` (indices in increasing order); a node whose
+    /// parent is not kept is dropped.
+    pub fn prune(&self, keep: &[usize]) -> DraftTree {
+        let mut map = vec![-1i32; self.len()];
+        let mut out = DraftTree::default();
+        for &i in keep {
+            let p = self.parents[i];
+            if p >= 0 && map[p as usize] < 0 {
+                continue;
+            }
+            let np = if p < 0 { -1 } else { map[p as usize] };
+            map[i] = out.push(self.tokens[i], np, self.probs[i]) as i32;
+        }
+        out
+    }
+
     /// Batch positions when the target's cache holds `committed` tokens.
     pub fn batch_positions(&self, committed: usize) -> Vec<u32> {
         std::iter::once(committed as u32).chain((0..self.len()).map(|i| (committed + self.depth(i)) as u32)).collect()
