@@ -135,7 +135,7 @@ fn spec(args: &BenchSpecArgs) -> Result<()> {
         );
     }
     for dname in args.drafters.split(',') {
-        let mut drafter = crate::speculate::drafter(dname, &path, &model, args.threads)?;
+        let mut drafter = crate::speculate::drafter(dname, &path, args.threads)?;
         for suite in args.prompts.split(',') {
             let prompts = crate::prompts::suite(suite)
                 .with_context(|| format!("unknown suite {suite:?}; known: {}", crate::prompts::SUITES.join(", ")))?;

@@ -100,7 +100,7 @@ impl Client {
         if mode == Mode::Plain {
             return Ok(Box::new(NoDraft));
         }
-        crate::speculate::drafter_for_swarm(&self.draft, &self.path)
+        crate::speculate::drafter(&self.draft, &self.path, 1)
     }
 
     fn run_one(&self, mode: Mode, ids: &[u32], session: u64) -> Result<SwarmSpecStats> {

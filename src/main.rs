@@ -130,7 +130,7 @@ fn cmd_generate(args: &GenerateArgs) -> Result<()> {
     let (ids, finish, stats) = match &args.draft {
         None => generate(&model, &prompt, args.max_tokens, &mut sampler, tok.stop_ids(), &mut emit)?,
         Some(name) => {
-            let mut drafter = speculate::drafter(name, &path, &model, args.threads)?;
+            let mut drafter = speculate::drafter(name, &path, args.threads)?;
             let mut policy = speculate::policy(args)?;
             let (ids, finish, s) = specswarm_spec::decode::generate_speculative(
                 &model,

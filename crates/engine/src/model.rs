@@ -119,6 +119,10 @@ pub struct LoadOptions {
     /// those of the same tokens decoded one by one (batch invariance holds from position 1 on
     /// only); speculative verification is unaffected (it never starts at position 0).
     pub llama_cpp_prefill: bool,
+    /// Layers of the range not to load (a layer-skipping self-draft: the target with some middle
+    /// layers left out, their residual passed through unchanged). Needs `with_head` or a range
+    /// ending at the last layer; must leave at least one layer.
+    pub skip_layers: Vec<usize>,
 }
 
 pub struct ModelSlice {
@@ -126,6 +130,8 @@ pub struct ModelSlice {
     range: Range<usize>,
     embed: Option<QMatrix>,
     layers: Vec<Layer>,
+    /// The model layer index of each entry of `layers` (the range minus skipped layers).
+    layer_ids: Vec<usize>,
     output_norm: Option<Vec<f32>>,
     lm_head: Option<QMatrix>,
     rope_factors: Option<Vec<f32>>,
@@ -157,7 +163,16 @@ impl ModelSlice {
         if range.start >= range.end || range.end > cfg.n_layers {
             return Err(EngineError::BadLayerRange { start: range.start, end: range.end, n_layers: cfg.n_layers });
         }
-        let (d, total) = (cfg.d_model, range.len() + 2);
+        if let Some(&bad) = opts.skip_layers.iter().find(|l| !range.contains(l)) {
+            return Err(EngineError::InvalidConfig {
+                reason: format!("cannot skip layer {bad}: the slice holds layers {}..{}", range.start, range.end),
+            });
+        }
+        let layer_ids: Vec<usize> = range.clone().filter(|l| !opts.skip_layers.contains(l)).collect();
+        if layer_ids.is_empty() {
+            return Err(EngineError::InvalidConfig { reason: "every layer of the slice is skipped".into() });
+        }
+        let (d, total) = (cfg.d_model, layer_ids.len() + 2);
         let mut done = 0;
         let mut tick = |progress: &mut dyn FnMut(usize, usize)| {
             done += 1;
@@ -167,8 +182,8 @@ impl ModelSlice {
         let is_tail = range.end == cfg.n_layers || opts.with_head;
         let embed = if is_head { Some(file.load_matrix("token_embd.weight", cfg.vocab_size, d)?) } else { None };
         tick(progress);
-        let mut layers = Vec::with_capacity(range.len());
-        for l in range.clone() {
+        let mut layers = Vec::with_capacity(layer_ids.len());
+        for &l in &layer_ids {
             layers.push(load_layer(&file, &cfg, l)?);
             tick(progress);
         }
@@ -204,6 +219,7 @@ impl ModelSlice {
             range,
             embed,
             layers,
+            layer_ids,
             output_norm,
             lm_head,
             rope_factors,
@@ -345,7 +361,7 @@ impl ModelSlice {
     ) {
         let cfg = &*self.cfg;
         let (d, n) = (cfg.d_model, positions.len());
-        let layer = self.range.start + slot;
+        let layer = self.layer_ids[slot];
         let base = kv.len();
 
         let mut h = x.to_vec();

@@ -52,6 +52,17 @@ impl ModelDrafter {
         Ok(Self::new(format!("self:{k}"), model))
     }
 
+    /// The whole target with the layers in `skip` left out (their residual passes through):
+    /// a layer-skipping self-draft (Draft & Verify, SWIFT). Costs `1 - skip/n_layers` of the
+    /// target per token and keeps its first and last layers, which matter most.
+    pub fn skip_draft(target_path: &Path, skip: &[usize], threads: usize) -> Result<ModelDrafter, SpecError> {
+        let model = ModelSlice::load(
+            target_path,
+            &LoadOptions { threads, with_head: true, skip_layers: skip.to_vec(), ..Default::default() },
+        )?;
+        Ok(Self::new(format!("skip:{}", format_layers(skip)), model))
+    }
+
     fn new(name: String, model: ModelSlice) -> ModelDrafter {
         let kv = model.new_cache(model.config().context_len);
         ModelDrafter { name, model, kv, cached: Vec::new(), min_path_prob: 0.05 }
@@ -72,6 +83,41 @@ impl ModelDrafter {
         self.cached.extend_from_slice(feed);
         Ok(out.into_data())
     }
+}
+
+/// Layer lists as written on the command line: `4-7+12` is layers 4, 5, 6, 7 and 12.
+pub fn parse_layers(text: &str) -> Result<Vec<usize>, SpecError> {
+    let bad = || SpecError::InvalidSetting(format!("bad layer list {text:?}: use e.g. 4-7+12"));
+    let mut out = Vec::new();
+    for part in text.split('+') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+        if a > b || b - a > 4096 {
+            return Err(bad());
+        }
+        out.extend(a..=b);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// The inverse of [`parse_layers`]: runs of consecutive layers as ranges.
+pub fn format_layers(layers: &[usize]) -> String {
+    let mut sorted = layers.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let mut j = i;
+        while j + 1 < sorted.len() && sorted[j + 1] == sorted[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j { sorted[i].to_string() } else { format!("{}-{}", sorted[i], sorted[j]) });
+        i = j + 1;
+    }
+    parts.join("+")
 }
 
 /// Softmax probabilities of the `k` most likely tokens, best first.
