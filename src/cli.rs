@@ -284,7 +284,7 @@ pub struct BenchRingArgs {
     /// Prompt suite: chat, code, agentic or copy.
     #[arg(long, default_value = "chat")]
     pub prompts: String,
-    /// Drafter for the speculative modes (ngram, suffix, self:K, model:PATH_OR_NAME).
+    /// Drafter for the speculative modes (ngram, suffix, self:K, lens:K, skip:LAYERS, model:PATH_OR_NAME, FIRST/SECOND).
     #[arg(long, default_value = "suffix")]
     pub draft: String,
     /// Draft depth γ.
@@ -327,7 +327,7 @@ pub struct BenchSwarmArgs {
     /// Tokens per prompt.
     #[arg(long, default_value_t = 48)]
     pub max_tokens: usize,
-    /// Drafter for the speculative modes (ngram, suffix, self:K, model:PATH_OR_NAME).
+    /// Drafter for the speculative modes (ngram, suffix, self:K, lens:K, skip:LAYERS, model:PATH_OR_NAME, FIRST/SECOND).
     #[arg(long, default_value = "suffix")]
     pub draft: String,
     /// Draft depth γ.
@@ -353,7 +353,7 @@ pub struct BenchSwarmArgs {
 pub struct BenchSpecArgs {
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
-    /// Comma-separated drafters (ngram, suffix, self:K, model:PATH_OR_NAME).
+    /// Comma-separated drafters (ngram, suffix, self:K, lens:K, skip:LAYERS, model:PATH_OR_NAME, FIRST/SECOND).
     #[arg(long, default_value = "ngram,suffix,self:8")]
     pub drafters: String,
     /// Comma-separated suites: chat, code, agentic, copy.
@@ -426,7 +426,10 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub json: bool,
     /// Speculative decoding with this drafter: ngram, suffix, self:K (the target's first K
-    /// layers) or model:PATH_OR_NAME (a smaller model with the same vocabulary).
+    /// layers), lens:K (the first K layers read through a tuned lens, calibrated once and
+    /// cached), skip:LAYERS (the target without those layers, e.g. skip:14-15), model:PATH_OR_NAME
+    /// (a smaller model with the same vocabulary), or FIRST/SECOND (e.g. suffix/lens:20: the
+    /// second drafts when the first has nothing).
     #[arg(long)]
     pub draft: Option<String>,
     /// Tree node budget B per round (default: the draft length, i.e. a chain).

@@ -331,6 +331,20 @@ impl ModelSlice {
         })
     }
 
+    /// The final norm and LM head applied to `hidden` (rows of `d_model` residual values): the
+    /// logits the tail computes. Only a slice that holds the head can do this.
+    pub fn head_logits(&self, hidden: &[f32]) -> Result<Vec<f32>, EngineError> {
+        if !self.is_tail() {
+            return Err(EngineError::WrongSliceRole { what: "hold the LM head (it is not the tail)" });
+        }
+        if hidden.is_empty() || !hidden.len().is_multiple_of(self.cfg.d_model) {
+            return Err(EngineError::BadBatch {
+                reason: format!("{} hidden values are not whole rows of {}", hidden.len(), self.cfg.d_model),
+            });
+        }
+        Ok(self.logits(hidden))
+    }
+
     fn logits(&self, hidden: &[f32]) -> Vec<f32> {
         let (d, vocab) = (self.cfg.d_model, self.cfg.vocab_size);
         let rows = hidden.len() / d;

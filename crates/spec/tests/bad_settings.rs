@@ -54,3 +54,28 @@ fn self_draft_needs_fewer_layers_than_the_target() {
         assert!(err.to_string().contains("1 <= K < 30"), "{err}");
     }
 }
+
+#[test]
+fn lens_and_skip_settings_are_checked() {
+    let smol = path("smollm2-135m");
+    for k in [0, 30] {
+        let err = match specswarm_spec::drafter::lens::calibrate(&smol, k, 1, &mut |_, _| {}) {
+            Err(e) => e,
+            Ok(_) => panic!("lens:{k} must be refused for a 30-layer model"),
+        };
+        assert!(err.to_string().contains("1 <= K < 30"), "{err}");
+    }
+    for (skip, why) in [((0..30).collect::<Vec<_>>(), "every layer"), (vec![30], "cannot skip layer 30")] {
+        let err = match ModelDrafter::skip_draft(&smol, &skip, 1) {
+            Err(e) => e,
+            Ok(_) => panic!("skipping {skip:?} must be refused"),
+        };
+        assert!(err.to_string().contains(why), "{err}");
+    }
+    use specswarm_spec::drafter::model::{format_layers, parse_layers};
+    assert_eq!(parse_layers("4-7+12").unwrap(), vec![4, 5, 6, 7, 12]);
+    assert_eq!(format_layers(&[12, 4, 5, 6, 7]), "4-7+12");
+    for bad in ["", "7-4", "a", "1-", "3+"] {
+        assert!(parse_layers(bad).is_err(), "{bad:?} must be refused");
+    }
+}

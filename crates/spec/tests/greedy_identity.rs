@@ -10,10 +10,11 @@ use specswarm_engine::model::{LoadOptions, ModelSlice};
 use specswarm_engine::sampling::Sampler;
 use specswarm_engine::tokenizer::Tokenizer;
 use specswarm_spec::decode::generate_speculative;
+use specswarm_spec::drafter::lens::Lens;
 use specswarm_spec::drafter::model::ModelDrafter;
 use specswarm_spec::drafter::ngram::NgramDrafter;
 use specswarm_spec::drafter::suffix::SuffixDrafter;
-use specswarm_spec::drafter::{DraftBudget, Drafter};
+use specswarm_spec::drafter::{DraftBudget, Drafter, Fallback};
 use specswarm_spec::policy::{Policy, PolicyMode};
 
 const MAX_TOKENS: usize = 32;
@@ -57,6 +58,14 @@ fn encode(path: &std::path::Path, tok: &Tokenizer, prompt: &str, arch: &str) -> 
     }
 }
 
+/// A lens fitted between two streams of pseudo-random residuals.
+fn noise_lens(k: usize, d: usize) -> Lens {
+    let mut rng = specswarm_engine::rng::Rng::new(k as u64);
+    let mut noise = |n: usize| (0..n).map(|_| rng.next_f32() - 0.5).collect::<Vec<f32>>();
+    let rows = d + 32;
+    Lens::fit(k, d, &noise(rows * d), &noise(rows * d)).unwrap()
+}
+
 fn check_model(name: &str, self_k: usize) {
     let path = model_path(name);
     let target = ModelSlice::load(&path, &LoadOptions { threads: 2, ..Default::default() }).unwrap();
@@ -65,7 +74,8 @@ fn check_model(name: &str, self_k: usize) {
     let n_layers = target.config().n_layers;
     let vocab = target.config().vocab_size;
     type Make = Box<dyn Fn() -> Box<dyn Drafter>>;
-    let (p1, p2) = (path.clone(), path.clone());
+    let (p1, p2, p3, p4) = (path.clone(), path.clone(), path.clone(), path.clone());
+    let d = target.config().d_model;
     let drafters: Vec<(&str, Make, Vec<DraftBudget>)> = vec![
         (
             "ngram",
@@ -81,6 +91,25 @@ fn check_model(name: &str, self_k: usize) {
             "self",
             Box::new(move || Box::new(ModelDrafter::self_draft(&p1, self_k, n_layers, 1).unwrap()) as Box<dyn Drafter>),
             vec![DraftBudget::chain(3), DraftBudget { max_nodes: 8, max_depth: 3, max_branch: 3 }],
+        ),
+        (
+            "skip",
+            Box::new(move || {
+                Box::new(ModelDrafter::skip_draft(&p3, &[self_k, self_k + 1], 1).unwrap()) as Box<dyn Drafter>
+            }),
+            vec![DraftBudget::chain(4), DraftBudget { max_nodes: 8, max_depth: 3, max_branch: 3 }],
+        ),
+        (
+            // A lens fitted to noise (any drafter must leave the output unchanged), behind suffix.
+            "suffix/lens",
+            Box::new(move || {
+                let lens = noise_lens(self_k, d);
+                Box::new(Fallback::new(
+                    Box::new(SuffixDrafter::new(16, 1 << 16)),
+                    Box::new(ModelDrafter::lens_draft(&p4, lens, 1).unwrap()),
+                )) as Box<dyn Drafter>
+            }),
+            vec![DraftBudget::chain(5), DraftBudget { max_nodes: 10, max_depth: 4, max_branch: 3 }],
         ),
         (
             "model",

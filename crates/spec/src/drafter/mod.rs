@@ -1,5 +1,6 @@
 //! Drafters: cheap proposers of continuations, behind one trait.
 
+pub mod lens;
 pub mod model;
 pub mod ngram;
 pub mod suffix;
@@ -73,5 +74,43 @@ impl Drafter for NoDraft {
 
     fn propose(&mut self, _: &[u32], _: &DraftBudget) -> Result<DraftTree, SpecError> {
         Ok(DraftTree::default())
+    }
+}
+
+/// Two drafters in order of preference: the first's proposal when it has one, else the
+/// second's. `suffix/lens:8` drafts copied spans from the context where they exist (free, and
+/// right when the output repeats its input) and falls back to a draft model elsewhere.
+pub struct Fallback {
+    first: Box<dyn Drafter>,
+    second: Box<dyn Drafter>,
+}
+
+impl Fallback {
+    pub fn new(first: Box<dyn Drafter>, second: Box<dyn Drafter>) -> Fallback {
+        Fallback { first, second }
+    }
+}
+
+impl Drafter for Fallback {
+    fn name(&self) -> String {
+        format!("{}/{}", self.first.name(), self.second.name())
+    }
+
+    fn propose(&mut self, seq: &[u32], budget: &DraftBudget) -> Result<DraftTree, SpecError> {
+        let tree = self.first.propose(seq, budget)?;
+        if !tree.is_empty() {
+            return Ok(tree);
+        }
+        self.second.propose(seq, budget)
+    }
+
+    fn observe(&mut self, seq: &[u32]) {
+        self.first.observe(seq);
+        self.second.observe(seq);
+    }
+
+    fn finish(&mut self, output: &[u32]) {
+        self.first.finish(output);
+        self.second.finish(output);
     }
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 use specswarm_engine::kv::KvCache;
 use specswarm_engine::model::{Batch, LoadOptions, ModelSlice, StepInput, Want};
 
+use super::lens::Lens;
 use super::{DraftBudget, Drafter};
 use crate::SpecError;
 use crate::tree::DraftTree;
@@ -19,6 +20,9 @@ pub struct ModelDrafter {
     cached: Vec<u32>,
     /// Stop extending the spine once its cumulative draft probability falls below this.
     min_path_prob: f32,
+    /// For `lens:K`: the map from the last layer's residual to the final residual, applied
+    /// before the final norm and LM head.
+    lens: Option<Lens>,
 }
 
 impl ModelDrafter {
@@ -63,9 +67,43 @@ impl ModelDrafter {
         Ok(Self::new(format!("skip:{}", format_layers(skip)), model))
     }
 
+    /// The target's first `lens.k` layers, then `lens`, then its final norm and LM head.
+    pub fn lens_draft(target_path: &Path, lens: Lens, threads: usize) -> Result<ModelDrafter, SpecError> {
+        let file = specswarm_engine::gguf::GgufFile::open(target_path)?;
+        let n_layers = specswarm_engine::config::ModelConfig::from_gguf(&file)?.n_layers;
+        let mut drafter = Self::self_draft(target_path, lens.k, n_layers, threads)?;
+        if lens.d != drafter.model.config().d_model {
+            return Err(SpecError::InvalidSetting(format!(
+                "lens width {} differs from the model's {}",
+                lens.d,
+                drafter.model.config().d_model
+            )));
+        }
+        drafter.name = format!("lens:{}", lens.k);
+        drafter.lens = Some(lens);
+        Ok(drafter)
+    }
+
     fn new(name: String, model: ModelSlice) -> ModelDrafter {
         let kv = model.new_cache(model.config().context_len);
-        ModelDrafter { name, model, kv, cached: Vec::new(), min_path_prob: 0.05 }
+        ModelDrafter { name, model, kv, cached: Vec::new(), min_path_prob: 0.05, lens: None }
+    }
+
+    /// Run `tokens` at the next positions and return the logits after the last one.
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>, SpecError> {
+        let start = self.cached.len() as u32;
+        let pos: Vec<u32> = (start..start + tokens.len() as u32).collect();
+        let batch = Batch { input: StepInput::Tokens(tokens), positions: &pos, tree_parents: None };
+        let logits = match &self.lens {
+            None => self.model.forward(&mut self.kv, &batch, Want::LastLogits)?.into_data(),
+            Some(lens) => {
+                let hidden = self.model.forward(&mut self.kv, &batch, Want::Hidden)?.into_data();
+                let last = &hidden[hidden.len() - lens.d..];
+                self.model.head_logits(&lens.apply(last))?
+            }
+        };
+        self.cached.extend_from_slice(tokens);
+        Ok(logits)
     }
 
     /// Logits after `seq`, reusing the cached prefix.
@@ -73,15 +111,7 @@ impl ModelDrafter {
         let common = self.cached.iter().zip(seq).take_while(|(a, b)| a == b).count().min(seq.len() - 1);
         self.kv.truncate(common);
         self.cached.truncate(common);
-        let feed = &seq[common..];
-        let pos: Vec<u32> = (common as u32..seq.len() as u32).collect();
-        let out = self.model.forward(
-            &mut self.kv,
-            &Batch { input: StepInput::Tokens(feed), positions: &pos, tree_parents: None },
-            Want::LastLogits,
-        )?;
-        self.cached.extend_from_slice(feed);
-        Ok(out.into_data())
+        self.step(&seq[common..])
     }
 }
 
@@ -159,16 +189,7 @@ impl Drafter for ModelDrafter {
             if depth + 1 == spine_len || path_prob < self.min_path_prob || self.cached.len() + 1 >= limit {
                 break;
             }
-            let pos = [self.cached.len() as u32];
-            logits = self
-                .model
-                .forward(
-                    &mut self.kv,
-                    &Batch { input: StepInput::Tokens(&[tok]), positions: &pos, tree_parents: None },
-                    Want::LastLogits,
-                )?
-                .into_data();
-            self.cached.push(tok);
+            logits = self.step(&[tok])?;
         }
         let mut tree = DraftTree::default();
         for (i, &(t, p)) in spine.iter().enumerate() {
