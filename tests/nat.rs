@@ -8,11 +8,12 @@
 //! through head → middle (via the relay or a hole-punched connection) → tail with output
 //! token-identical to one process. Needs root, `ip` and `iptables`; skipped otherwise.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
 
+use std::process::{Command, Stdio};
+
+use common::{Procs, model_path};
 use specswarm_engine::generate::generate;
-use specswarm_engine::hub;
 use specswarm_engine::model::{LoadOptions, ModelSlice};
 use specswarm_engine::sampling::Sampler;
 use specswarm_engine::tokenizer::Tokenizer;
@@ -69,32 +70,13 @@ impl Drop for Net {
     }
 }
 
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
+/// Start `specswarm ARGS` inside namespace `ns`; the address it listens on.
 fn start(procs: &mut Procs, ns: &str, home: &std::path::Path, args: &[&str]) -> String {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_specswarm")])
-        .args(args)
-        .arg("--exit-on-stdin-eof")
-        .env("SPECSWARM_HOME", home)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_specswarm")]).args(args).env("SPECSWARM_HOME", home);
+    let (child, line) = common::start(cmd);
     procs.0.push(child);
-    line.split_whitespace().nth(1).unwrap_or_else(|| panic!("{args:?} said {line:?}")).to_string()
+    common::second_word(&line).to_string()
 }
 
 #[test]
@@ -103,7 +85,7 @@ fn worker_behind_nat_serves_a_ring_through_the_relay() {
         eprintln!("cannot create network namespaces or no iptables here (not root?): skipped");
         return;
     };
-    let path = hub::ensure(hub::known("smollm2-135m").unwrap(), &mut |m| eprintln!("{m}")).unwrap();
+    let path = model_path("smollm2-135m");
     let model = path.to_str().unwrap();
     let home = std::env::temp_dir().join(format!("specswarm-nat-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&home);

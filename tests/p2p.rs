@@ -9,16 +9,16 @@
 //! - bytes that are not frames on a stage stream → an error reply, the stream closed, the worker
 //!   still serving.
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use common::{PROMPTS_10 as PROMPTS, Procs, encode, model_path};
 use libp2p::{Multiaddr, PeerId};
-use specswarm_engine::chat::{ChatMessage, ChatTemplate};
 use specswarm_engine::generate::generate;
-use specswarm_engine::hub;
 use specswarm_engine::model::{LoadOptions, ModelSlice};
 use specswarm_engine::sampling::Sampler;
 use specswarm_engine::sampling::SamplerConfig;
@@ -30,18 +30,6 @@ use specswarm_spec::drafter::DraftBudget;
 use specswarm_spec::drafter::suffix::SuffixDrafter;
 use specswarm_spec::policy::{Policy, PolicyMode};
 
-/// Child processes killed when dropped.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn home(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("specswarm-p2p-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -51,19 +39,10 @@ fn home(tag: &str) -> PathBuf {
 
 /// Start `specswarm ARGS` with `$SPECSWARM_HOME` = `home`; the address on its first line.
 fn start(home: &Path, args: &[&str]) -> (Child, Multiaddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_specswarm"))
-        .args(args)
-        .arg("--exit-on-stdin-eof")
-        .env("SPECSWARM_HOME", home)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.split_whitespace().nth(1).unwrap_or_else(|| panic!("{args:?} said {line:?}")).parse().unwrap();
-    (child, addr)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_specswarm"));
+    cmd.args(args).env("SPECSWARM_HOME", home);
+    let (child, line) = common::start(cmd);
+    (child, common::second_word(&line).parse().unwrap())
 }
 
 fn bootstrap(home: &Path) -> (Child, Multiaddr) {
@@ -113,28 +92,6 @@ fn client(bs: &Multiaddr) -> P2pNode {
     node
 }
 
-const PROMPTS: [&str; 10] = [
-    "What is the capital of France?",
-    "Write a Python function that reverses a string.",
-    "Give me three tips for staying focused.",
-    "Explain what a hash map is.",
-    "List the planets of the solar system.",
-    "def quicksort(xs):",
-    "The quick brown fox",
-    "Translate to French: good night",
-    "{\"tool\": \"search\", \"query\":",
-    "Once upon a time",
-];
-
-fn encode(path: &Path, tok: &Tokenizer, p: &str) -> Vec<u32> {
-    match ChatTemplate::from_gguf(path).unwrap() {
-        Some(t) => tok
-            .encode(&t.render(&[ChatMessage { role: "user".into(), content: p.into() }], true).unwrap(), false, true)
-            .unwrap(),
-        None => tok.encode(p, true, false).unwrap(),
-    }
-}
-
 fn greedy(ring: &mut P2pRing, ids: &[u32], n: usize, on_token: &mut dyn FnMut(u32) -> bool) -> (Vec<u32>, usize) {
     let (out, stats) = generate_swarm(ring, ids, n, true, &mut |_, _| unreachable!("greedy"), &[], on_token)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -165,7 +122,7 @@ fn hostile_streams_get_errors(node: &P2pNode, worker: &Multiaddr) {
 }
 
 fn check(name: &str, listen: &str) {
-    let path = hub::ensure(hub::known(name).unwrap(), &mut |m| eprintln!("{m}")).unwrap();
+    let path = model_path(name);
     let local = ModelSlice::load(&path, &LoadOptions { threads: 1, ..Default::default() }).unwrap();
     let n = local.config().n_layers;
     let home = home(name);
@@ -242,7 +199,7 @@ fn gemma3_three_libp2p_workers_equal_local() {
 /// with token-identical output. 20 of 20 trials.
 #[test]
 fn libp2p_failover_after_kill_9_finishes_with_identical_tokens() {
-    let path = hub::ensure(hub::known("smollm2-135m").unwrap(), &mut |m| eprintln!("{m}")).unwrap();
+    let path = model_path("smollm2-135m");
     let local = ModelSlice::load(&path, &LoadOptions { threads: 1, ..Default::default() }).unwrap();
     let tok = Tokenizer::from_gguf(&path).unwrap();
     let cuts = [0usize, 10, 20, 30];
@@ -250,13 +207,8 @@ fn libp2p_failover_after_kill_9_finishes_with_identical_tokens() {
     let max_tokens = 16;
     let mut s = Sampler::new(Default::default()).unwrap();
     let (want, _, _) = generate(&local, &ids, max_tokens, &mut s, &[], &mut |_| true).unwrap();
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rng = common::XorShift(0x2545_f491_4f6c_dd1d);
+    let mut next = move || rng.next();
     let home = home("failover");
     let mut procs = Procs(Vec::new());
     let (bs_child, bs) = bootstrap(&home);
@@ -362,18 +314,10 @@ fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u1
 
 /// `specswarm gateway` with `extra` arguments; its address.
 fn gateway(home: &Path, extra: &[&str]) -> (Child, std::net::SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_specswarm"))
-        .args(["gateway", "--listen", "127.0.0.1:0", "--no-auth", "--exit-on-stdin-eof"])
-        .args(extra)
-        .env("SPECSWARM_HOME", home)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("gateway listening on http://").unwrap_or_else(|| panic!("{line:?}")).parse();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_specswarm"));
+    cmd.args(["gateway", "--listen", "127.0.0.1:0", "--no-auth"]).args(extra).env("SPECSWARM_HOME", home);
+    let (child, line) = common::start(cmd);
+    let addr = line.strip_prefix("gateway listening on http://").unwrap_or_else(|| panic!("{line:?}")).parse();
     (child, addr.unwrap())
 }
 
@@ -383,7 +327,7 @@ fn gateway(home: &Path, extra: &[&str]) -> (Child, std::net::SocketAddr) {
 /// serving.
 #[test]
 fn gateway_serves_from_the_swarm() {
-    let path = hub::ensure(hub::known("smollm2-135m").unwrap(), &mut |m| eprintln!("{m}")).unwrap();
+    let path = model_path("smollm2-135m");
     let home = home("gateway");
     let mut procs = Procs(Vec::new());
     let (bs_child, bs) = bootstrap(&home);

@@ -1,87 +1,36 @@
 //! Worker processes on loopback: a 3-stage ring over TCP produces greedy output token-identical
 //! to single-process generation, on both real models, for 10 prompts.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use specswarm_engine::chat::{ChatMessage, ChatTemplate};
+use common::{PROMPTS_10, Procs, encode, model_path, spawn_worker};
 use specswarm_engine::generate::generate;
-use specswarm_engine::hub;
 use specswarm_engine::model::{LoadOptions, ModelSlice};
 use specswarm_engine::sampling::Sampler;
 use specswarm_engine::tokenizer::Tokenizer;
 use specswarm_net::ring::{RingClient, RingSpec, StageLink, generate_ring};
 use specswarm_net::tcp::TcpLink;
 
-struct Workers(Vec<Child>);
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn spawn(path: &std::path::Path, layers: (usize, usize)) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_specswarm"))
-        .args(["worker", "--model"])
-        .arg(path)
-        .args(["--layers", &format!("{}:{}", layers.0, layers.1), "--exit-on-stdin-eof"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.split_whitespace().nth(1).unwrap_or_else(|| panic!("worker said {line:?}")).parse().unwrap();
-    (child, addr)
-}
-
-const PROMPTS: [&str; 10] = [
-    "What is the capital of France?",
-    "Write a Python function that reverses a string.",
-    "Give me three tips for staying focused.",
-    "Explain what a hash map is.",
-    "List the planets of the solar system.",
-    "def quicksort(xs):",
-    "The quick brown fox",
-    "Translate to French: good night",
-    "{\"tool\": \"search\", \"query\":",
-    "Once upon a time",
-];
-
 fn check(name: &str) {
-    let path = hub::ensure(hub::known(name).unwrap(), &mut |m| eprintln!("{m}")).unwrap();
+    let path = model_path(name);
     let local = ModelSlice::load(&path, &LoadOptions { threads: 1, ..Default::default() }).unwrap();
     let n = local.config().n_layers;
     let cuts = [0, n / 3, 2 * n / 3, n];
-    let mut workers = Workers(Vec::new());
+    let mut workers = Procs(Vec::new());
     let mut links: Vec<Box<dyn StageLink>> = Vec::new();
     for w in cuts.windows(2) {
-        let (child, addr) = spawn(&path, (w[0], w[1]));
+        let (child, addr) = spawn_worker(&path, (w[0], w[1]), &[]);
         workers.0.push(child);
         links.push(Box::new(TcpLink::connect(addr, Duration::from_secs(30), Duration::from_secs(60)).unwrap()));
     }
     let ranges = cuts.windows(2).map(|w| (w[0] as u32, w[1] as u32)).collect();
     let mut ring = RingClient::new(links, RingSpec { model_id: specswarm_net::model_id(&path).unwrap(), ranges }, 7);
     let tok = Tokenizer::from_gguf(&path).unwrap();
-    let template = ChatTemplate::from_gguf(&path).unwrap();
-    for p in PROMPTS {
-        let ids = match &template {
-            Some(t) => tok
-                .encode(
-                    &t.render(&[ChatMessage { role: "user".into(), content: p.into() }], true).unwrap(),
-                    false,
-                    true,
-                )
-                .unwrap(),
-            None => tok.encode(p, true, false).unwrap(),
-        };
+    for p in PROMPTS_10 {
+        let ids = encode(&path, &tok, p);
         let mut s = Sampler::new(Default::default()).unwrap();
         let (want, _, _) = generate(&local, &ids, 24, &mut s, &[], &mut |_| true).unwrap();
         let mut s = Sampler::new(Default::default()).unwrap();
@@ -115,7 +64,7 @@ impl specswarm_net::ring::Router for Spares {
 /// request completes with token-identical output. 20 of 20 trials.
 #[test]
 fn failover_after_kill_9_finishes_with_identical_tokens() {
-    let path = hub::ensure(hub::known("smollm2-135m").unwrap(), &mut |m| eprintln!("{m}")).unwrap();
+    let path = model_path("smollm2-135m");
     let local = ModelSlice::load(&path, &LoadOptions { threads: 1, ..Default::default() }).unwrap();
     let tok = Tokenizer::from_gguf(&path).unwrap();
     let cuts = [0usize, 10, 20, 30];
@@ -131,10 +80,10 @@ fn failover_after_kill_9_finishes_with_identical_tokens() {
         rng
     };
     // A pool of workers per span, replenished as trials kill them.
-    let mut workers = Workers(Vec::new());
+    let mut workers = Procs(Vec::new());
     let mut pool: Vec<Vec<(usize, SocketAddr)>> = vec![Vec::new(); 3];
-    let spawn_into = |pool: &mut Vec<Vec<(usize, SocketAddr)>>, workers: &mut Workers, stage: usize| {
-        let (child, addr) = spawn(&path, (cuts[stage], cuts[stage + 1]));
+    let spawn_into = |pool: &mut Vec<Vec<(usize, SocketAddr)>>, workers: &mut Procs, stage: usize| {
+        let (child, addr) = spawn_worker(&path, (cuts[stage], cuts[stage + 1]), &[]);
         workers.0.push(child);
         pool[stage].push((workers.0.len() - 1, addr));
     };
@@ -192,14 +141,14 @@ fn failover_after_kill_9_finishes_with_identical_tokens() {
 #[test]
 fn direct_return_ring_equals_local() {
     for name in ["smollm2-135m", "gemma3-270m"] {
-        let path = hub::ensure(hub::known(name).unwrap(), &mut |m| eprintln!("{m}")).unwrap();
+        let path = model_path(name);
         let local = ModelSlice::load(&path, &LoadOptions { threads: 1, ..Default::default() }).unwrap();
         let n = local.config().n_layers;
         let cuts = [0, n / 3, 2 * n / 3, n];
-        let mut workers = Workers(Vec::new());
+        let mut workers = Procs(Vec::new());
         let mut addrs = Vec::new();
         for w in cuts.windows(2) {
-            let (child, addr) = spawn(&path, (w[0], w[1]));
+            let (child, addr) = spawn_worker(&path, (w[0], w[1]), &[]);
             workers.0.push(child);
             addrs.push(addr);
         }
@@ -207,7 +156,7 @@ fn direct_return_ring_equals_local() {
         let spec = RingSpec { model_id: specswarm_net::model_id(&path).unwrap(), ranges };
         let mut ring = specswarm_net::direct::DirectRing::connect(&addrs, spec, 9, Duration::from_secs(60)).unwrap();
         let tok = Tokenizer::from_gguf(&path).unwrap();
-        for p in &PROMPTS[..4] {
+        for p in &PROMPTS_10[..4] {
             let ids = tok.encode(p, true, false).unwrap();
             let mut s = Sampler::new(Default::default()).unwrap();
             let (want, _, _) = generate(&local, &ids, 16, &mut s, &[], &mut |_| true).unwrap();

@@ -6,13 +6,11 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{Workers, XorShift, spawn_worker};
-use specswarm_engine::chat::{ChatMessage, ChatTemplate};
+use common::{Procs, XorShift, encode, model_path, spawn_worker};
 use specswarm_engine::generate::generate;
-use specswarm_engine::hub;
 use specswarm_engine::model::{Batch, LoadOptions, ModelSlice, StepInput, Want};
 use specswarm_engine::sampling::{Sampler, SamplerConfig};
 use specswarm_engine::tokenizer::Tokenizer;
@@ -23,49 +21,14 @@ use specswarm_spec::drafter::suffix::SuffixDrafter;
 use specswarm_spec::drafter::{DraftBudget, Drafter};
 use specswarm_spec::policy::{Policy, PolicyMode};
 
-const PROMPTS: [&str; 20] = [
-    "What is the capital of France?",
-    "Give me three tips for staying focused.",
-    "Explain photosynthesis in one paragraph.",
-    "Write a haiku about the sea.",
-    "What are the primary colors?",
-    "How do I make a cup of tea?",
-    "Write a Python function that reverses a string.",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "fn main() {\n    let v = vec![1, 2, 3];\n    for x in v.iter() {\n",
-    "SELECT name, email FROM users WHERE",
-    "Write a JavaScript function to sum an array.",
-    "Repeat exactly: the quick brown fox jumps over the lazy dog. the quick brown fox jumps over",
-    "Copy this list: apple, banana, cherry, apple, banana, cherry, apple, banana,",
-    "{\"tool\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n{\"tool\": \"get_weather\", \"arguments\": {\"city\":",
-    "Summarize: The meeting was moved from Monday to Tuesday because the room was booked. The meeting was moved",
-    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
-    "To be or not to be, that is the question. To be or not to be,",
-    "Translate to French: Good morning, how are you?",
-    "List the days of the week.",
-    "<html><body><h1>Title</h1><p>Text</p></body></html>\n<html><body><h1>",
-];
-
-fn model_path(name: &str) -> PathBuf {
-    hub::ensure(hub::known(name).unwrap(), &mut |m| eprintln!("{m}")).unwrap()
-}
-
-fn encode(path: &Path, tok: &Tokenizer, prompt: &str) -> Vec<u32> {
-    match ChatTemplate::from_gguf(path).unwrap() {
-        Some(t) => {
-            let text = t.render(&[ChatMessage { role: "user".into(), content: prompt.into() }], true).unwrap();
-            tok.encode(&text, false, true).unwrap()
-        }
-        None => tok.encode(prompt, true, false).unwrap(),
-    }
-}
+include!("../fixtures/prompts/identity20.rs");
 
 /// A 3-stage ring of worker processes.
 struct Swarm {
     path: PathBuf,
     cuts: Vec<usize>,
     addrs: Vec<SocketAddr>,
-    _workers: Workers,
+    _workers: Procs,
 }
 
 fn swarm(name: &str, stages: usize) -> Swarm {
@@ -74,7 +37,7 @@ fn swarm(name: &str, stages: usize) -> Swarm {
         .unwrap()
         .n_layers;
     let cuts: Vec<usize> = (0..=stages).map(|i| i * n / stages).collect();
-    let mut workers = Workers(Vec::new());
+    let mut workers = Procs(Vec::new());
     let mut addrs = Vec::new();
     for w in cuts.windows(2) {
         let (child, addr) = spawn_worker(&path, (w[0], w[1]), &[]);
@@ -337,7 +300,7 @@ fn failover_during_pipelined_speculation() {
         generate(&local, &ids, max_tokens, &mut Sampler::new(SamplerConfig::greedy()).unwrap(), &[], &mut |_| true)
             .unwrap();
     let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
-    let mut workers = Workers(Vec::new());
+    let mut workers = Procs(Vec::new());
     let trials = 6;
     for trial in 0..trials {
         // A fresh primary per stage plus one spare per stage.

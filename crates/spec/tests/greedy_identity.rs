@@ -19,29 +19,8 @@ use specswarm_spec::policy::{Policy, PolicyMode};
 
 const MAX_TOKENS: usize = 32;
 
-/// 20 prompts: chat, code, and copy-heavy text.
-const PROMPTS: [&str; 20] = [
-    "What is the capital of France?",
-    "Give me three tips for staying focused.",
-    "Explain photosynthesis in one paragraph.",
-    "Write a haiku about the sea.",
-    "What are the primary colors?",
-    "How do I make a cup of tea?",
-    "Write a Python function that reverses a string.",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "fn main() {\n    let v = vec![1, 2, 3];\n    for x in v.iter() {\n",
-    "SELECT name, email FROM users WHERE",
-    "Write a JavaScript function to sum an array.",
-    "Repeat exactly: the quick brown fox jumps over the lazy dog. the quick brown fox jumps over",
-    "Copy this list: apple, banana, cherry, apple, banana, cherry, apple, banana,",
-    "{\"tool\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n{\"tool\": \"get_weather\", \"arguments\": {\"city\":",
-    "Summarize: The meeting was moved from Monday to Tuesday because the room was booked. The meeting was moved",
-    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
-    "To be or not to be, that is the question. To be or not to be,",
-    "Translate to French: Good morning, how are you?",
-    "List the days of the week.",
-    "<html><body><h1>Title</h1><p>Text</p></body></html>\n<html><body><h1>",
-];
+// 20 prompts: chat, code, and copy-heavy text.
+include!("../../../fixtures/prompts/identity20.rs");
 
 fn model_path(name: &str) -> PathBuf {
     hub::ensure(hub::known(name).unwrap(), &mut |m| eprintln!("{m}")).unwrap()
