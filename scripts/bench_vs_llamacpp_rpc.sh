@@ -4,17 +4,18 @@
 # Needs root. llama.cpp is NOT part of this repository: pass the folder of binaries you built
 # yourself (llama-bench and ggml-rpc-server, built with GGML_RPC=ON).
 #
-#   sudo bash scripts/bench_vs_llamacpp_rpc.sh LLAMA_BIN_DIR [stages] [delay_ms] [suite]
-#   sudo bash scripts/bench_vs_llamacpp_rpc.sh /tmp/llama-build/bin 4 25 copy
+#   sudo bash scripts/bench_vs_llamacpp_rpc.sh LLAMA_BIN_DIR [stages] [delay_ms] [suite] [drafter]
+#   sudo bash scripts/bench_vs_llamacpp_rpc.sh /tmp/llama-build/bin 4 25 copy suffix
 #
 # llama.cpp: `llama-bench -n 32 -p 0 --rpc host1,...,hostN -ngl 99` in the client namespace,
 # one `ggml-rpc-server` per stage namespace (layers split across the RPC devices), best of
 # 1 and 2 threads per server. specswarm: `specswarm bench swarm --emulator netns` (every mode).
 set -euo pipefail
-LLAMA=${1:?usage: $0 LLAMA_BIN_DIR [stages] [delay_ms] [suite]}
+LLAMA=${1:?usage: $0 LLAMA_BIN_DIR [stages] [delay_ms] [suite] [drafter]}
 N=${2:-4}
 L=${3:-25}
 SUITE=${4:-copy}
+DRAFT=${5:-suffix}
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
 BIN=$PWD/target/release/specswarm
@@ -45,11 +46,11 @@ except Exception:
   wait "$ROUTER_PID" 2>/dev/null || true
 done
 
-json=$("$BIN" bench swarm --emulator netns --stages "$N" --latency-ms "$L" --prompts "$SUITE" --max-tokens 32 --streams 1 --json)
+json=$("$BIN" bench swarm --emulator netns --stages "$N" --latency-ms "$L" --prompts "$SUITE" --draft "$DRAFT" --max-tokens 32 --streams 1 --json)
 python3 - "$json" "$best" "$N" "$L" <<'PY'
 import json, sys
 r, llama, n, l = json.loads(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
-print(f"{n} stages, {l} ms one way, SmolLM2-135M, suite {r['prompts']}")
+print(f"{n} stages, {l} ms one way, SmolLM2-135M, suite {r['prompts']}, drafter {r.get('draft', '?')}")
 print(f"{'':<22} {'tok/s':>8} {'vs llama.cpp RPC':>18}")
 print(f"{'llama.cpp RPC (best)':<22} {llama:>8.1f} {1.0:>17.2f}x")
 for name, m in r["modes"].items():
