@@ -29,7 +29,9 @@ pub fn drafter(spec: &str, target_path: &Path, threads: usize) -> Result<Box<dyn
         }
         None if spec == "ngram" => Box::new(NgramDrafter::new(4, 1)),
         None if spec == "suffix" => Box::new(SuffixDrafter::new(16, 1 << 20)),
-        _ => bail!("unknown drafter {spec:?}: use ngram, suffix, self:K, skip:LAYERS (e.g. skip:4-7+12) or model:PATH_OR_NAME"),
+        _ => bail!(
+            "unknown drafter {spec:?}: use ngram, suffix, self:K, skip:LAYERS (e.g. skip:4-7+12) or model:PATH_OR_NAME"
+        ),
     })
 }
 
