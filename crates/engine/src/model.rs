@@ -52,6 +52,41 @@ impl Batch<'_> {
     }
 }
 
+/// One session's part of [`ModelSlice::forward_many`]: its cache, its batch, the output it wants.
+#[derive(Debug)]
+pub struct Step<'a> {
+    pub kv: &'a mut KvCache,
+    pub batch: Batch<'a>,
+    pub want: Want,
+}
+
+/// A step that passed [`ModelSlice::forward`]'s checks, with its input rows.
+struct Admitted<'a, 'b> {
+    index: usize,
+    step: &'a mut Step<'b>,
+    x: Vec<f32>,
+    vis: Visibility,
+}
+
+/// A step inside a running chunk: where its rows sit among the chunk's rows and what its
+/// attention sees.
+struct Seq<'a> {
+    /// Index of the step in the caller's list.
+    index: usize,
+    kv: &'a mut KvCache,
+    positions: &'a [u32],
+    /// The step's rows among the chunk's rows.
+    rows: Range<usize>,
+    vis: Visibility,
+    /// Committed rows of the cache (the step's rows are staged after them).
+    base: usize,
+    /// Attention in llama.cpp's batched prefill order ([`LoadOptions::llama_cpp_prefill`]).
+    batched: bool,
+    want: Want,
+    /// A tree batch: its rows stay staged.
+    tree: bool,
+}
+
 /// Which output the caller wants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Want {
@@ -255,7 +290,50 @@ impl ModelSlice {
     }
 
     /// Run the batch through this slice's layers. See [`Batch`] for the position and tree rules.
+    /// The one-step case of [`ModelSlice::forward_many`].
     pub fn forward(&self, kv: &mut KvCache, batch: &Batch<'_>, want: Want) -> Result<StepOutput, EngineError> {
+        let mut steps = [Step { kv, batch: *batch, want }];
+        self.forward_many(&mut steps).pop().expect("one result per step")
+    }
+
+    /// Run several sessions' batches through this slice's layers together: the weight matmuls
+    /// (Q/K/V, O, gate/up, down, LM head) run once over the rows of every step, attention runs
+    /// per step against its own cache with its own positions and tree. Each step is validated
+    /// like a [`ModelSlice::forward`] of its own and gets its own result: an invalid step does
+    /// not touch its cache or harm the others. Because every kernel is batch-invariant, each
+    /// step's output is bit-identical to running it alone. Steps run in chunks of at most
+    /// [`limits::FORWARD_BATCH_TOKENS_MAX`] rows.
+    pub fn forward_many(&self, steps: &mut [Step<'_>]) -> Vec<Result<StepOutput, EngineError>> {
+        let mut results: Vec<Option<Result<StepOutput, EngineError>>> = (0..steps.len()).map(|_| None).collect();
+        let mut chunk = Vec::new();
+        let mut chunk_rows = 0;
+        for (index, step) in steps.iter_mut().enumerate() {
+            let (x, vis) = match self.admit(step) {
+                Ok(admitted) => admitted,
+                Err(e) => {
+                    results[index] = Some(Err(e));
+                    continue;
+                }
+            };
+            let n = step.batch.len();
+            if chunk_rows + n > limits::FORWARD_BATCH_TOKENS_MAX {
+                for (index, out) in self.forward_chunk(std::mem::take(&mut chunk)) {
+                    results[index] = Some(Ok(out));
+                }
+                chunk_rows = 0;
+            }
+            chunk_rows += n;
+            chunk.push(Admitted { index, step, x, vis });
+        }
+        for (index, out) in self.forward_chunk(chunk) {
+            results[index] = Some(Ok(out));
+        }
+        results.into_iter().map(|r| r.expect("every step is answered")).collect()
+    }
+
+    /// Check a step as [`ModelSlice::forward`] defines it; its input rows and attention pattern.
+    fn admit(&self, step: &Step<'_>) -> Result<(Vec<f32>, Visibility), EngineError> {
+        let (kv, batch) = (&*step.kv, &step.batch);
         let n = batch.len();
         let d = self.cfg.d_model;
         if n == 0 || n > limits::FORWARD_BATCH_TOKENS_MAX {
@@ -263,7 +341,7 @@ impl ModelSlice {
                 reason: format!("batch of {n} rows (must be 1..={})", limits::FORWARD_BATCH_TOKENS_MAX),
             });
         }
-        if want != Want::Hidden && !self.is_tail() {
+        if step.want != Want::Hidden && !self.is_tail() {
             return Err(EngineError::WrongSliceRole { what: "hold the LM head (it is not the tail)" });
         }
         let staged = kv.layers.first().map_or(0, |l| l.k.len() / kv.k_dim.max(1)) - kv.len();
@@ -278,7 +356,7 @@ impl ModelSlice {
             return Err(EngineError::ContextExceeded { needed: max_pos + 1, context: self.cfg.context_len });
         }
         kv.check_room(n)?;
-        let mut x = match batch.input {
+        let x = match batch.input {
             StepInput::Tokens(ids) => {
                 let embed = self
                     .embed
@@ -314,21 +392,75 @@ impl ModelSlice {
                 h.to_vec()
             }
         };
-        kv.stage_rows(n);
+        Ok((x, vis))
+    }
+
+    /// Run admitted steps (at most `FORWARD_BATCH_TOKENS_MAX` rows together) as one batch; each
+    /// step's output with its index.
+    fn forward_chunk(&self, chunk: Vec<Admitted<'_, '_>>) -> Vec<(usize, StepOutput)> {
+        if chunk.is_empty() {
+            return Vec::new();
+        }
+        let d = self.cfg.d_model;
+        let mut x = Vec::with_capacity(chunk.iter().map(|a| a.x.len()).sum());
+        let mut positions = Vec::with_capacity(x.capacity() / d);
+        let mut seqs = Vec::with_capacity(chunk.len());
+        for Admitted { index, step, x: rows, vis } in chunk {
+            let start = positions.len();
+            x.extend_from_slice(&rows);
+            positions.extend_from_slice(step.batch.positions);
+            let n = step.batch.len();
+            step.kv.stage_rows(n);
+            let base = step.kv.len();
+            let batched = self.llama_cpp_prefill && matches!(vis, Visibility::Causal) && base == 0 && n >= 2;
+            seqs.push(Seq {
+                index,
+                kv: &mut *step.kv,
+                positions: step.batch.positions,
+                rows: start..start + n,
+                vis,
+                base,
+                batched,
+                want: step.want,
+                tree: step.batch.tree_parents.is_some(),
+            });
+        }
         self.pool.install(|| {
-            let rope = RopeTables::new(&self.cfg, self.rope_factors.as_deref(), batch.positions);
-            for (i, layer) in self.layers.iter().enumerate() {
-                self.layer_forward(i, layer, kv, batch.positions, &vis, &rope, &mut x);
+            let rope = RopeTables::new(&self.cfg, self.rope_factors.as_deref(), &positions);
+            for (slot, layer) in self.layers.iter().enumerate() {
+                self.layer_forward(slot, layer, &mut seqs, &rope, &mut x);
             }
         });
-        if batch.tree_parents.is_none() {
-            kv.commit(n);
+        // Rows whose logits are wanted, in step order, through one LM head matmul.
+        let mut head_rows = Vec::new();
+        for s in &seqs {
+            let rows = match s.want {
+                Want::Hidden => s.rows.end..s.rows.end,
+                Want::LastLogits => s.rows.end - 1..s.rows.end,
+                Want::AllLogits => s.rows.clone(),
+            };
+            head_rows.extend_from_slice(&x[rows.start * d..rows.end * d]);
         }
-        Ok(match want {
-            Want::Hidden => StepOutput::Hidden { data: x, rows: n },
-            Want::LastLogits => StepOutput::Logits { data: self.logits(&x[(n - 1) * d..]), rows: 1 },
-            Want::AllLogits => StepOutput::Logits { data: self.logits(&x), rows: n },
-        })
+        let logits = if head_rows.is_empty() { Vec::new() } else { self.logits(&head_rows) };
+        let vocab = self.cfg.vocab_size;
+        let mut at = 0;
+        let mut outs = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            let n = s.rows.len();
+            if !s.tree {
+                s.kv.commit(n);
+            }
+            let out = match s.want {
+                Want::Hidden => StepOutput::Hidden { data: x[s.rows.start * d..s.rows.end * d].to_vec(), rows: n },
+                Want::LastLogits | Want::AllLogits => {
+                    let rows = if s.want == Want::LastLogits { 1 } else { n };
+                    at += rows;
+                    StepOutput::Logits { data: logits[(at - rows) * vocab..at * vocab].to_vec(), rows }
+                }
+            };
+            outs.push((s.index, out));
+        }
+        outs
     }
 
     /// The final norm and LM head applied to `hidden` (rows of `d_model` residual values): the
@@ -362,53 +494,65 @@ impl ModelSlice {
         out
     }
 
-    /// One transformer block: norm → attention → residual → norm → MLP → residual.
-    fn layer_forward(
-        &self,
-        slot: usize,
-        w: &Layer,
-        kv: &mut KvCache,
-        positions: &[u32],
-        vis: &Visibility,
-        rope: &RopeTables,
-        x: &mut [f32],
-    ) {
+    /// One transformer block over the rows of every step: norm → attention (per step, against its
+    /// own cache) → residual → norm → MLP → residual.
+    fn layer_forward(&self, slot: usize, w: &Layer, seqs: &mut [Seq<'_>], rope: &RopeTables, x: &mut [f32]) {
         let cfg = &*self.cfg;
-        let (d, n) = (cfg.d_model, positions.len());
+        let d = cfg.d_model;
+        let n = x.len() / d;
         let layer = self.layer_ids[slot];
-        let base = kv.len();
 
         let mut h = x.to_vec();
         h.chunks_exact_mut(d).for_each(|r| rms_norm(r, &w.attn_norm, cfg.rms_eps));
-        let mut q = vec![0f32; n * cfg.q_dim()];
         let (k_dim, v_dim) = (cfg.k_dim(), cfg.v_dim());
-        let lkv = &mut kv.layers[slot];
-        let k_new = &mut lkv.k[base * k_dim..(base + n) * k_dim];
-        let v_new = &mut lkv.v[base * v_dim..(base + n) * v_dim];
-        w.qkv.apply(&h, n, &mut [&mut q, k_new, v_new]);
+        let mut q = vec![0f32; n * cfg.q_dim()];
+        let mut k = vec![0f32; n * k_dim];
+        let mut v = vec![0f32; n * v_dim];
+        w.qkv.apply(&h, n, &mut [&mut q, &mut k, &mut v]);
         add_bias(&mut q, w.bq.as_deref());
-        add_bias(&mut lkv.k[base * k_dim..], w.bk.as_deref());
-        add_bias(&mut lkv.v[base * v_dim..], w.bv.as_deref());
+        add_bias(&mut k, w.bk.as_deref());
+        add_bias(&mut v, w.bv.as_deref());
         let hd = cfg.head_dim;
         if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
             q.chunks_exact_mut(hd).for_each(|r| rms_norm(r, qn, cfg.rms_eps));
-            lkv.k[base * k_dim..].chunks_exact_mut(hd).for_each(|r| rms_norm(r, kn, cfg.rms_eps));
+            k.chunks_exact_mut(hd).for_each(|r| rms_norm(r, kn, cfg.rms_eps));
         }
         let sliding = cfg.is_sliding(layer);
         let table = if sliding { &rope.local } else { &rope.global };
         rope.apply(table, &mut q, cfg.n_heads, hd);
-        rope.apply(table, &mut lkv.k[base * k_dim..], cfg.n_kv_heads, hd);
-        round_f16(&mut lkv.k[base * k_dim..]);
-        round_f16(&mut lkv.v[base * v_dim..]);
+        rope.apply(table, &mut k, cfg.n_kv_heads, hd);
+        round_f16(&mut k);
+        round_f16(&mut v);
         if cfg.scale_query {
             q.iter_mut().for_each(|v| *v *= cfg.attn_scale);
         }
         round_f16(&mut q);
+        for s in seqs.iter_mut() {
+            let lkv = &mut s.kv.layers[slot];
+            lkv.k[s.base * k_dim..].copy_from_slice(&k[s.rows.start * k_dim..s.rows.end * k_dim]);
+            lkv.v[s.base * v_dim..].copy_from_slice(&v[s.rows.start * v_dim..s.rows.end * v_dim]);
+        }
 
-        let mut attn = vec![0f32; n * cfg.n_heads * cfg.head_dim_v];
+        let attn_dim = cfg.n_heads * cfg.head_dim_v;
+        let mut attn = vec![0f32; n * attn_dim];
         let window = if sliding { cfg.sliding_window } else { None };
-        let batched = self.llama_cpp_prefill && matches!(vis, Visibility::Causal) && base == 0 && n >= 2;
-        attention(cfg, &q, lkv, base, positions, vis, window, batched, &mut attn);
+        let q_dim = cfg.q_dim();
+        let mut outs = Vec::with_capacity(seqs.len());
+        let mut rest = attn.as_mut_slice();
+        for s in seqs.iter() {
+            let (out, tail) = rest.split_at_mut(s.rows.len() * attn_dim);
+            outs.push((s, out));
+            rest = tail;
+        }
+        let run = |(s, out): (&Seq<'_>, &mut [f32])| {
+            let q = &q[s.rows.start * q_dim..s.rows.end * q_dim];
+            attention(cfg, q, &s.kv.layers[slot], s.base, s.positions, &s.vis, window, s.batched, out);
+        };
+        if outs.len() == 1 {
+            outs.into_iter().for_each(run);
+        } else {
+            outs.into_par_iter().for_each(run);
+        }
 
         let mut o = vec![0f32; n * d];
         w.wo.matmul(&attn, n, &mut o);
@@ -423,9 +567,13 @@ impl ModelSlice {
         let mut g = vec![0f32; n * f];
         let mut u = vec![0f32; n * f];
         w.gate_up.apply(&h, n, &mut [&mut g, &mut u]);
-        match cfg.activation {
-            Activation::Silu => ggml_math::silu_mul(&mut g, &u),
-            Activation::GeluTanh => g.iter_mut().zip(&u).for_each(|(a, b)| *a = gelu_tanh(*a) * b),
+        // Per row, so that a row's arithmetic (SIMD body, scalar tail) never depends on its
+        // neighbours.
+        for (g, u) in g.chunks_exact_mut(f).zip(u.chunks_exact(f)) {
+            match cfg.activation {
+                Activation::Silu => ggml_math::silu_mul(g, u),
+                Activation::GeluTanh => g.iter_mut().zip(u).for_each(|(a, b)| *a = gelu_tanh(*a) * b),
+            }
         }
         w.w_down.matmul(&g, n, &mut o);
         if let Some(pn) = &w.post_ffn_norm {

@@ -1,7 +1,8 @@
 //! A worker's session routing, independent of the transport: the stage server plus, per session,
 //! where its outputs go. Both the TCP server ([`crate::tcp::serve`]) and the libp2p server
-//! (`specswarm-p2p`) feed every frame they read into [`Node::on_frame`]; they differ only in how
-//! frames are written ([`FrameSink`]) and how a next hop named in `Open.next_hop` is reached
+//! (`specswarm-p2p`) put every frame they read into one bounded queue per worker, which one
+//! compute thread serves ([`Node::serve_queue`]: continuous batching across sessions); they
+//! differ only in how frames are written ([`FrameSink`]) and how a next hop named in `Open.next_hop` is reached
 //! ([`Dialer`]: `ip:port` on TCP, a multiaddr ending in `/p2p/<peer id>` on libp2p).
 //!
 //! A session opened with a `next_hop` forwards its outputs to that stage (whose own route
@@ -12,7 +13,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use specswarm_proto::limits::{NEXT_HOPS_PER_NODE_MAX, ROUTES_PER_NODE_MAX};
+use specswarm_proto::limits::{
+    FORWARD_BATCH_TOKENS_MAX, NEXT_HOPS_PER_NODE_MAX, ROUTES_PER_NODE_MAX, STAGE_BATCH_FRAMES_MAX,
+};
 use specswarm_proto::wire::{ErrorCode, Frame, Message};
 
 use crate::stage::StageServer;
@@ -32,6 +35,42 @@ pub trait FrameSink: Send + Sync {
 pub trait Dialer: Send + Sync {
     /// A connection to the stage at `addr` (blocking, bounded by the dialer's own timeout).
     fn dial(&self, addr: &str) -> Result<Arc<dyn FrameSink>, String>;
+}
+
+/// A frame and the connection it arrived on.
+pub type Work = (Frame, Arc<dyn FrameSink>);
+
+/// The receiving end of a worker's bounded compute queue: connection readers put every frame
+/// they read into it (waiting while it is full), one compute thread drains it
+/// ([`Node::serve_queue`]). Each transport brings its own channel.
+pub trait WorkQueue {
+    /// The next frame, waiting for one; `None` once every sender is gone.
+    fn wait(&mut self) -> Option<Work>;
+    /// A frame already queued, without waiting.
+    fn ready(&mut self) -> Option<Work>;
+}
+
+impl WorkQueue for std::sync::mpsc::Receiver<Work> {
+    fn wait(&mut self) -> Option<Work> {
+        self.recv().ok()
+    }
+
+    fn ready(&mut self) -> Option<Work> {
+        self.try_recv().ok()
+    }
+}
+
+/// Rows a frame puts through the slice.
+fn forward_rows(frame: &Frame) -> usize {
+    match &frame.message {
+        Message::Forward { positions, .. } => positions.len(),
+        _ => 0,
+    }
+}
+
+/// An `Open` that names a next hop: its route must exist before the session's next frame runs.
+fn opens_route(frame: &Frame) -> bool {
+    matches!(&frame.message, Message::Open { next_hop: Some(_), .. })
 }
 
 /// Where a session's outputs go.
@@ -103,12 +142,54 @@ impl<D: Dialer> Node<D> {
 
     /// Handle one frame that arrived on connection `from`.
     pub fn on_frame(&self, frame: Frame, from: &Arc<dyn FrameSink>) {
+        self.on_frames(vec![(frame, Arc::clone(from))]);
+    }
+
+    /// Handle frames that arrived together, in arrival order, as one batch: `Forward` frames of
+    /// different sessions run through the slice together ([`StageServer::handle_many`]); every
+    /// reply and every output forwarded to a next hop then goes out frame by frame, in order.
+    pub fn on_frames(&self, work: Vec<Work>) {
         let now = Instant::now();
-        let reply = {
+        let (frames, senders): (Vec<Frame>, Vec<Arc<dyn FrameSink>>) = work.into_iter().unzip();
+        let replies = {
             let mut s = lock(&self.server);
             s.evict_idle(now);
-            s.handle(&frame, now)
+            s.handle_many(&frames, now)
         };
+        for ((frame, from), reply) in frames.iter().zip(&senders).zip(replies) {
+            self.route(frame, from, reply, now);
+        }
+    }
+
+    /// Serve the frames of a worker's compute queue until every sender is gone (continuous
+    /// batching). Each batch is the first frame waiting plus every frame already queued behind
+    /// it — never waiting for more — up to [`STAGE_BATCH_FRAMES_MAX`] frames and
+    /// [`FORWARD_BATCH_TOKENS_MAX`] rows, so an idle worker answers a lone frame at once and a
+    /// busy one batches what piled up during its last compute. An `Open` that names a next hop
+    /// ends its batch: its connection is dialed before the session's later frames run.
+    pub fn serve_queue(&self, queue: &mut impl WorkQueue) {
+        let mut held: Option<Work> = None;
+        while let Some(first) = held.take().or_else(|| queue.wait()) {
+            let mut rows = forward_rows(&first.0);
+            let mut ends = opens_route(&first.0);
+            let mut batch = vec![first];
+            while !ends && batch.len() < STAGE_BATCH_FRAMES_MAX {
+                let Some(work) = queue.ready() else { break };
+                let r = forward_rows(&work.0);
+                if rows + r > FORWARD_BATCH_TOKENS_MAX {
+                    held = Some(work);
+                    break;
+                }
+                rows += r;
+                ends = opens_route(&work.0);
+                batch.push(work);
+            }
+            self.on_frames(batch);
+        }
+    }
+
+    /// Send the reply to `frame` where its session's route says (or forward its output).
+    fn route(&self, frame: &Frame, from: &Arc<dyn FrameSink>, reply: Frame, now: Instant) {
         match (&frame.message, reply.message) {
             (Message::Open { next_hop, .. }, Message::Ack { committed }) => {
                 let next = match next_hop.as_deref().map(|a| (a, self.hop(a))) {
@@ -118,7 +199,7 @@ impl<D: Dialer> Node<D> {
                         let close = Frame { message: Message::Close, ..frame.clone() };
                         lock(&self.server).handle(&close, now);
                         from.send(&error_frame(
-                            &frame,
+                            frame,
                             ErrorCode::Internal,
                             format!("cannot reach the next stage: {e}"),
                         ));
@@ -159,7 +240,7 @@ impl<D: Dialer> Node<D> {
                         if !next.send(&fwd) {
                             self.drop_hop(&addr);
                             client.send(&error_frame(
-                                &frame,
+                                frame,
                                 ErrorCode::Internal,
                                 "the next stage is unreachable".into(),
                             ));

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use half::{bf16, f16};
 use specswarm_engine::EngineError;
 use specswarm_engine::kv::KvCache;
-use specswarm_engine::model::{Batch, ModelSlice, StepInput, StepOutput, Want};
+use specswarm_engine::model::{Batch, ModelSlice, Step, StepInput, StepOutput, Want};
 use specswarm_engine::sampling::{Sampler, SamplerConfig};
 use specswarm_proto::wire::{Commit, Dtype, ErrorCode, Frame, Input, Message, VerifySpec};
 use specswarm_spec::tree::DraftTree;
@@ -158,14 +158,172 @@ impl StageServer {
 
     /// Handle one request frame and produce its reply.
     pub fn handle(&mut self, frame: &Frame, now: Instant) -> Frame {
-        let message = match self.dispatch(frame, now) {
-            Ok(m) => m,
-            Err((code, message)) => Message::Error { code, message },
-        };
+        self.handle_many(std::slice::from_ref(frame), now).pop().expect("one reply per frame")
+    }
+
+    /// Handle several request frames; the replies, in order, are those [`StageServer::handle`]
+    /// gives the frames one by one. `Forward` frames of different sessions run through the
+    /// slice as one batch ([`ModelSlice::forward_many`]); a frame of a session already in the
+    /// batch being gathered closes it, so a session's frames run in order. Other frames run as
+    /// they come: they touch only their own session and the open-session and KV totals, which
+    /// a `Forward` neither reads nor writes, so running them before a gathered batch of other
+    /// sessions changes nothing.
+    pub fn handle_many(&mut self, frames: &[Frame], now: Instant) -> Vec<Frame> {
+        let mut replies: Vec<Option<Frame>> = vec![None; frames.len()];
+        let mut group: Vec<usize> = Vec::new();
+        for (i, frame) in frames.iter().enumerate() {
+            if group.iter().any(|&j| frames[j].session == frame.session) {
+                self.forward_group(frames, &group, now, &mut replies);
+                group.clear();
+            }
+            if matches!(frame.message, Message::Forward { .. }) {
+                group.push(i);
+            } else {
+                let result = self.dispatch(frame, now);
+                replies[i] = Some(self.reply(frame, result));
+            }
+        }
+        self.forward_group(frames, &group, now, &mut replies);
+        replies.into_iter().map(|r| r.expect("every frame is answered")).collect()
+    }
+
+    /// The reply frame to `frame`, stamped with the session's epoch as it stands now.
+    fn reply(&self, frame: &Frame, result: Result<Message, (ErrorCode, String)>) -> Frame {
+        let message = result.unwrap_or_else(|(code, message)| Message::Error { code, message });
         let epoch = self.sessions.get(&frame.session).map_or(frame.epoch, |s| s.epoch);
         Frame { session: frame.session, epoch, seq: frame.seq, message }
     }
 
+    /// Run the `Forward` frames `group` (of distinct sessions) as one batch; fill their replies.
+    fn forward_group(&mut self, frames: &[Frame], group: &[usize], now: Instant, replies: &mut [Option<Frame>]) {
+        let mut prepared: Vec<(usize, PreparedForward)> = Vec::with_capacity(group.len());
+        for &i in group {
+            match self.prepare_forward(&frames[i], now) {
+                Ok(p) => prepared.push((i, p)),
+                Err(e) => replies[i] = Some(self.reply(&frames[i], Err(e))),
+            }
+        }
+        if prepared.is_empty() {
+            return;
+        }
+        // Every prepared session's cache, borrowed at once (the sessions are distinct).
+        let order: HashMap<u64, usize> =
+            prepared.iter().enumerate().map(|(k, (i, _))| (frames[*i].session, k)).collect();
+        let mut caches: Vec<Option<&mut KvCache>> = prepared.iter().map(|_| None).collect();
+        for (id, session) in self.sessions.iter_mut() {
+            if let Some(&k) = order.get(id) {
+                caches[k] = Some(&mut session.kv);
+            }
+        }
+        let mut steps: Vec<Step<'_>> = caches
+            .into_iter()
+            .zip(&prepared)
+            .map(|(kv, (i, p))| Step {
+                kv: kv.expect("a prepared session is open"),
+                batch: p.batch(&frames[*i]),
+                want: p.want,
+            })
+            .collect();
+        let outs = self.slice.forward_many(&mut steps);
+        drop(steps);
+        for ((i, p), out) in prepared.into_iter().zip(outs) {
+            let result = out.map_err(engine_error).and_then(|out| self.finish_forward(&frames[i], p, out));
+            replies[i] = Some(self.reply(&frames[i], result));
+        }
+    }
+
+    /// The session a frame addresses, after the epoch check (a newer epoch is adopted).
+    fn session_for(&mut self, frame: &Frame, now: Instant) -> Result<&mut Session, (ErrorCode, String)> {
+        let id = frame.session;
+        let session = self.sessions.get_mut(&id).ok_or((ErrorCode::UnknownSession, format!("no session {id:#x}")))?;
+        if frame.epoch < session.epoch {
+            return Err((
+                ErrorCode::StaleEpoch,
+                format!("epoch {} is older than the session's {}", frame.epoch, session.epoch),
+            ));
+        }
+        session.epoch = frame.epoch;
+        session.last_used = now;
+        Ok(session)
+    }
+
+    /// A `Forward`'s work before the slice runs: session and epoch, the round's commit, the input.
+    fn prepare_forward(&mut self, frame: &Frame, now: Instant) -> Result<PreparedForward, (ErrorCode, String)> {
+        let Message::Forward { positions, tree_parents, input, spec } = &frame.message else {
+            unreachable!("only Forward frames are grouped")
+        };
+        let (is_tail, d_model) = (self.slice.is_tail(), self.slice.config().d_model);
+        let session = self.session_for(frame, now)?;
+        if let Some(round) = spec {
+            apply_commit(session, &round.commit)?;
+            if round.tokens.len() != positions.len() {
+                return Err((
+                    ErrorCode::Malformed,
+                    format!("{} round tokens for {} positions", round.tokens.len(), positions.len()),
+                ));
+            }
+        }
+        let verifying = spec.as_ref().is_some_and(|r| r.verify) && session.verifier.is_some();
+        let hidden = match input {
+            Input::Tokens(_) => None,
+            Input::Hidden { dtype, rows, dim, data } => {
+                if *dim as usize != d_model || *rows as usize != positions.len() {
+                    return Err((
+                        ErrorCode::Malformed,
+                        format!("hidden input {rows}×{dim}, expected {}×{d_model}", positions.len()),
+                    ));
+                }
+                Some(decode_hidden(*dtype, data))
+            }
+        };
+        let want = match (is_tail, tree_parents.is_some() || verifying) {
+            (false, _) => Want::Hidden,
+            (true, false) => Want::LastLogits,
+            (true, true) => Want::AllLogits,
+        };
+        Ok(PreparedForward { hidden, want, verifying, base: session.kv.len() })
+    }
+
+    /// A `Forward`'s reply from the slice's output: a verdict, token ids, hidden states or logits.
+    fn finish_forward(
+        &mut self,
+        frame: &Frame,
+        p: PreparedForward,
+        out: StepOutput,
+    ) -> Result<Message, (ErrorCode, String)> {
+        let Message::Forward { tree_parents, spec, .. } = &frame.message else {
+            unreachable!("only Forward frames are grouped")
+        };
+        let session = self.sessions.get_mut(&frame.session).expect("a forwarded session is open");
+        if let (Some(v), Some(round)) = (session.verifier.as_mut(), spec) {
+            if tree_parents.is_some() {
+                v.staged = round.tokens.clone();
+            } else {
+                v.committed.extend_from_slice(&round.tokens);
+            }
+            if p.verifying {
+                let vocab = self.slice.config().vocab_size;
+                return Ok(verify_round(v, p.base, &round.tokens, tree_parents.as_deref(), out.data(), vocab));
+            }
+        }
+        let dim = match &out {
+            StepOutput::Hidden { .. } => self.slice.config().d_model,
+            StepOutput::Logits { .. } => self.slice.config().vocab_size,
+        };
+        let (rows, data) = match out {
+            StepOutput::Hidden { data, rows } | StepOutput::Logits { data, rows } => (rows, data),
+        };
+        if p.want != Want::Hidden && session.tail_argmax {
+            let ids = data.chunks_exact(dim).map(specswarm_engine::sampling::argmax).collect();
+            return Ok(Message::Output { input: Input::Tokens(ids) });
+        }
+        let dtype = if p.want == Want::Hidden { self.limits.hidden_dtype } else { Dtype::F32 };
+        Ok(Message::Output {
+            input: Input::Hidden { dtype, rows: rows as u32, dim: dim as u32, data: encode_hidden(dtype, &data) },
+        })
+    }
+
+    /// Every frame but `Forward` (which runs in groups, [`StageServer::forward_group`]).
     fn dispatch(&mut self, frame: &Frame, now: Instant) -> Result<Message, (ErrorCode, String)> {
         let id = frame.session;
         if let Message::Open { model_id, start, end, max_tokens, tail_argmax, verify, .. } = &frame.message {
@@ -214,85 +372,8 @@ impl StageServer {
             );
             return Ok(Message::Ack { committed: 0 });
         }
-        let session = self.sessions.get_mut(&id).ok_or((ErrorCode::UnknownSession, format!("no session {id:#x}")))?;
-        if frame.epoch < session.epoch {
-            return Err((
-                ErrorCode::StaleEpoch,
-                format!("epoch {} is older than the session's {}", frame.epoch, session.epoch),
-            ));
-        }
-        session.epoch = frame.epoch;
-        session.last_used = now;
+        let session = self.session_for(frame, now)?;
         match &frame.message {
-            Message::Forward { positions, tree_parents, input, spec } => {
-                if let Some(round) = spec {
-                    apply_commit(session, &round.commit)?;
-                    if round.tokens.len() != positions.len() {
-                        return Err((
-                            ErrorCode::Malformed,
-                            format!("{} round tokens for {} positions", round.tokens.len(), positions.len()),
-                        ));
-                    }
-                }
-                let verifying = spec.as_ref().is_some_and(|r| r.verify) && session.verifier.is_some();
-                let hidden;
-                let input = match input {
-                    Input::Tokens(t) => StepInput::Tokens(t),
-                    Input::Hidden { dtype, rows, dim, data } => {
-                        if *dim as usize != self.slice.config().d_model || *rows as usize != positions.len() {
-                            return Err((
-                                ErrorCode::Malformed,
-                                format!(
-                                    "hidden input {rows}×{dim}, expected {}×{}",
-                                    positions.len(),
-                                    self.slice.config().d_model
-                                ),
-                            ));
-                        }
-                        hidden = decode_hidden(*dtype, data);
-                        StepInput::Hidden(&hidden)
-                    }
-                };
-                let want = match (self.slice.is_tail(), tree_parents.is_some() || verifying) {
-                    (false, _) => Want::Hidden,
-                    (true, false) => Want::LastLogits,
-                    (true, true) => Want::AllLogits,
-                };
-                let base = session.kv.len();
-                let batch = Batch { input, positions, tree_parents: tree_parents.as_deref() };
-                let out = self.slice.forward(&mut session.kv, &batch, want).map_err(engine_error)?;
-                if let (Some(v), Some(round)) = (session.verifier.as_mut(), spec) {
-                    if tree_parents.is_some() {
-                        v.staged = round.tokens.clone();
-                    } else {
-                        v.committed.extend_from_slice(&round.tokens);
-                    }
-                    if verifying {
-                        let vocab = self.slice.config().vocab_size;
-                        return Ok(verify_round(v, base, &round.tokens, tree_parents.as_deref(), out.data(), vocab));
-                    }
-                }
-                let dim = match &out {
-                    StepOutput::Hidden { .. } => self.slice.config().d_model,
-                    StepOutput::Logits { .. } => self.slice.config().vocab_size,
-                };
-                let (rows, data) = match out {
-                    StepOutput::Hidden { data, rows } | StepOutput::Logits { data, rows } => (rows, data),
-                };
-                if want != Want::Hidden && session.tail_argmax {
-                    let ids = data.chunks_exact(dim).map(specswarm_engine::sampling::argmax).collect();
-                    return Ok(Message::Output { input: Input::Tokens(ids) });
-                }
-                let dtype = if want == Want::Hidden { self.limits.hidden_dtype } else { Dtype::F32 };
-                Ok(Message::Output {
-                    input: Input::Hidden {
-                        dtype,
-                        rows: rows as u32,
-                        dim: dim as u32,
-                        data: encode_hidden(dtype, &data),
-                    },
-                })
-            }
             Message::Accept { path } => {
                 apply_commit(session, &Commit::Path(path.clone()))?;
                 Ok(Message::Ack { committed: session.kv.len() as u32 })
@@ -313,10 +394,36 @@ impl StageServer {
                 Ok(Message::Ack { committed: 0 })
             }
             Message::Open { .. } => unreachable!("handled above"),
+            Message::Forward { .. } => unreachable!("Forward frames run through forward_group"),
             Message::Ack { .. } | Message::Output { .. } | Message::Error { .. } | Message::Verdict { .. } => {
                 Err((ErrorCode::Malformed, "a reply frame is not a request".into()))
             }
         }
+    }
+}
+
+/// A `Forward` frame checked and decoded, waiting for its group's batch.
+struct PreparedForward {
+    /// The hidden-state input decoded to f32 (`None`: token ids, read from the frame).
+    hidden: Option<Vec<f32>>,
+    want: Want,
+    /// The tail verifies this round (a verdict instead of logits).
+    verifying: bool,
+    /// Committed rows before the batch (after the round's commit).
+    base: usize,
+}
+
+impl PreparedForward {
+    fn batch<'a>(&'a self, frame: &'a Frame) -> Batch<'a> {
+        let Message::Forward { positions, tree_parents, input, .. } = &frame.message else {
+            unreachable!("only Forward frames are prepared")
+        };
+        let input = match (&self.hidden, input) {
+            (Some(h), _) => StepInput::Hidden(h),
+            (None, Input::Tokens(t)) => StepInput::Tokens(t),
+            (None, Input::Hidden { .. }) => unreachable!("hidden inputs are decoded when prepared"),
+        };
+        Batch { input, positions, tree_parents: tree_parents.as_deref() }
     }
 }
 

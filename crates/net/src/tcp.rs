@@ -11,9 +11,10 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use specswarm_proto::limits::COMPUTE_QUEUE_FRAMES_MAX;
 use specswarm_proto::wire::{Frame, HEADER_BYTES};
 
-use crate::node::{Dialer, FrameSink, Node, malformed_frame};
+use crate::node::{Dialer, FrameSink, Node, Work, malformed_frame};
 use crate::ring::StageLink;
 use crate::stage::StageServer;
 
@@ -52,13 +53,16 @@ impl Dialer for TcpDialer {
     }
 }
 
-/// Serve `server` on `listener` until the process exits: one thread per connection, frames
-/// routed by [`Node`] (next hops are `ip:port`).
+/// Serve `server` on `listener` until the process exits: one reader thread per connection puts
+/// frames into the worker's bounded compute queue, one compute thread serves it
+/// ([`Node::serve_queue`]); frames are routed by [`Node`] (next hops are `ip:port`).
 pub fn serve(listener: TcpListener, server: StageServer) -> std::io::Result<()> {
     let node = Arc::new(Node::new(server, TcpDialer));
+    let (queue, mut work) = std::sync::mpsc::sync_channel::<Work>(COMPUTE_QUEUE_FRAMES_MAX);
+    std::thread::Builder::new().name("stage-compute".into()).spawn(move || node.serve_queue(&mut work))?;
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
-        let node = Arc::clone(&node);
+        let queue = queue.clone();
         std::thread::Builder::new().name("stage-conn".into()).spawn(move || {
             let _ = conn.set_nodelay(true);
             let Ok(write_half) = conn.try_clone() else { return };
@@ -74,7 +78,11 @@ pub fn serve(listener: TcpListener, server: StageServer) -> std::io::Result<()> 
                     Err(_) => return,
                 };
                 match Frame::decode(&bytes) {
-                    Ok(frame) => node.on_frame(frame, &writer),
+                    Ok(frame) => {
+                        if queue.send((frame, Arc::clone(&writer))).is_err() {
+                            return; // the compute thread is gone
+                        }
+                    }
                     Err(e) => {
                         writer.send(&malformed_frame(e.to_string()));
                     }

@@ -13,6 +13,7 @@ use specswarm_engine::sampling::Sampler;
 use specswarm_engine::tokenizer::Tokenizer;
 use specswarm_net::node::{Dialer, FrameSink, Node};
 use specswarm_net::stage::{StageLimits, StageServer};
+use specswarm_proto::limits::COMPUTE_QUEUE_FRAMES_MAX;
 use specswarm_proto::wire::{ErrorCode, Frame, Input, Message};
 
 /// Collects what a node sends to the client.
@@ -71,13 +72,14 @@ fn frame(session: u64, seq: u32, message: Message) -> Frame {
     Frame { session, epoch: 0, seq, message }
 }
 
-#[test]
-fn direct_return_ring_of_nodes_equals_local() {
+const CUTS: [usize; 4] = [0, 10, 20, 30];
+
+/// Three nodes serving SmolLM2 in thirds, reachable as `n0`, `n1`, `n2`.
+fn ring_of_nodes() -> (std::path::PathBuf, [u8; 32], Vec<Arc<Node<MapDialer>>>) {
     let path = hub::ensure(hub::known("smollm2-135m").unwrap(), &mut |m| eprintln!("{m}")).unwrap();
     let id = specswarm_net::model_id(&path).unwrap();
     let registry: Registry = Arc::default();
-    let cuts = [0usize, 10, 20, 30];
-    let nodes: Vec<Arc<Node<MapDialer>>> = cuts
+    let nodes: Vec<Arc<Node<MapDialer>>> = CUTS
         .windows(2)
         .map(|w| {
             let opts = LoadOptions { layers: Some(w[0]..w[1]), threads: 1, ..Default::default() };
@@ -89,20 +91,28 @@ fn direct_return_ring_of_nodes_equals_local() {
     for (i, n) in nodes.iter().enumerate() {
         registry.lock().unwrap().insert(format!("n{i}"), Arc::clone(n));
     }
+    (path, id, nodes)
+}
+
+fn open_message(id: [u8; 32], i: usize, next_hop: Option<&str>) -> Message {
+    Message::Open {
+        model_id: id,
+        start: CUTS[i] as u32,
+        end: CUTS[i + 1] as u32,
+        max_tokens: 64,
+        next_hop: next_hop.map(String::from),
+        tail_argmax: i == 2,
+        verify: None,
+    }
+}
+
+#[test]
+fn direct_return_ring_of_nodes_equals_local() {
+    let (path, id, nodes) = ring_of_nodes();
     let inbox = Arc::new(Inbox::default());
     let client: Arc<dyn FrameSink> = inbox.clone();
     let open = |session: u64, i: usize, next_hop: Option<&str>| {
-        let (start, end) = (cuts[i] as u32, cuts[i + 1] as u32);
-        let m = Message::Open {
-            model_id: id,
-            start,
-            end,
-            max_tokens: 64,
-            next_hop: next_hop.map(String::from),
-            tail_argmax: i == 2,
-            verify: None,
-        };
-        nodes[i].on_frame(frame(session, 1, m), &client);
+        nodes[i].on_frame(frame(session, 1, open_message(id, i, next_hop)), &client);
         inbox.take()
     };
     for (i, hop) in [(0, Some("n1")), (1, Some("n2")), (2, None)] {
@@ -138,4 +148,51 @@ fn direct_return_ring_of_nodes_equals_local() {
     nodes[0].on_frame(frame(3, 2, m), &client);
     let r = inbox.take();
     assert!(matches!(&r[..], [Frame { message: Message::Error { code: ErrorCode::Internal, .. }, .. }]), "{r:?}");
+}
+
+/// Frames of several sessions waiting in a worker's queue run as one batch; each session's
+/// output still reaches its client through the ring, and every session decodes exactly what it
+/// decodes alone.
+#[test]
+fn queued_frames_of_many_sessions_equal_local() {
+    let (path, id, nodes) = ring_of_nodes();
+    let inbox = Arc::new(Inbox::default());
+    let client: Arc<dyn FrameSink> = inbox.clone();
+    let tok = Tokenizer::from_gguf(&path).unwrap();
+    let local = ModelSlice::load(&path, &LoadOptions { threads: 1, ..Default::default() }).unwrap();
+    let prompts = ["The quick brown fox", "def quicksort(xs):", "Once upon a time", "List the planets"];
+    let mut sessions = Vec::new();
+    for (s, prompt) in prompts.iter().enumerate() {
+        let session = 10 + s as u64;
+        for (i, hop) in [(0, Some("n1")), (1, Some("n2")), (2, None)] {
+            nodes[i].on_frame(frame(session, 1, open_message(id, i, hop)), &client);
+        }
+        assert!(inbox.take().iter().all(|f| matches!(f.message, Message::Ack { .. })));
+        let ids = tok.encode(prompt, true, false).unwrap();
+        let mut sampler = Sampler::new(Default::default()).unwrap();
+        let (want, _, _) = generate(&local, &ids, 6, &mut sampler, &[], &mut |_| true).unwrap();
+        sessions.push((session, ids, 0u32, want, Vec::new()));
+    }
+    for step in 0..6u32 {
+        let (queue, mut work) = std::sync::mpsc::sync_channel(COMPUTE_QUEUE_FRAMES_MAX);
+        for (session, feed, pos, _, _) in &mut sessions {
+            let positions: Vec<u32> = (*pos..*pos + feed.len() as u32).collect();
+            *pos += feed.len() as u32;
+            let m = Message::Forward { positions, tree_parents: None, input: Input::Tokens(feed.clone()), spec: None };
+            queue.send((frame(*session, 2 + step, m), Arc::clone(&client))).unwrap();
+        }
+        drop(queue);
+        nodes[0].serve_queue(&mut work);
+        let replies = inbox.take();
+        assert_eq!(replies.len(), sessions.len(), "{replies:?}");
+        for (session, feed, _, _, got) in &mut sessions {
+            let reply = replies.iter().find(|f| f.session == *session).unwrap();
+            let Message::Output { input: Input::Tokens(t) } = &reply.message else { panic!("{reply:?}") };
+            got.push(t[0]);
+            *feed = vec![t[0]];
+        }
+    }
+    for (session, _, _, want, got) in &sessions {
+        assert_eq!(got, want, "session {session}");
+    }
 }

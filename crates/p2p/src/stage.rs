@@ -1,8 +1,9 @@
 //! Stage frames on libp2p streams. A stream carries frames like a TCP connection does (fixed
 //! 32-byte header, payload length checked against `FRAME_PAYLOAD_BYTES_MAX` before the buffer
-//! exists). A worker accepts streams on [`STAGE_PROTOCOL`] and feeds every frame to one compute
-//! thread that owns the [`Node`] (the session routing shared with the TCP server); next hops are
-//! dialed by multiaddr. Writes go through a bounded queue per stream to a writer task.
+//! exists). A worker accepts streams on [`STAGE_PROTOCOL`] and feeds every frame through one
+//! bounded queue to one compute thread that serves the [`Node`] (the session routing shared with
+//! the TCP server), batching the frames waiting for it; next hops are dialed by multiaddr. Writes
+//! go through a bounded queue per stream to a writer task.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,7 +12,7 @@ use std::time::Duration;
 use futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol};
-use specswarm_net::node::{Dialer, FrameSink, Node, malformed_frame};
+use specswarm_net::node::{Dialer, FrameSink, Node, Work, WorkQueue, malformed_frame};
 use specswarm_net::stage::StageServer;
 use specswarm_proto::limits::{
     COMPUTE_QUEUE_FRAMES_MAX, DIAL_TIMEOUT_MS, STAGE_STREAMS_PER_PEER_MAX, STAGE_STREAMS_TOTAL_MAX,
@@ -124,21 +125,29 @@ impl Dialer for P2pDialer {
     }
 }
 
-type Work = (Frame, Arc<dyn FrameSink>);
+/// The compute thread's end of the frame queue.
+struct ComputeQueue(mpsc::Receiver<Work>);
+
+impl WorkQueue for ComputeQueue {
+    fn wait(&mut self) -> Option<Work> {
+        self.0.blocking_recv()
+    }
+
+    fn ready(&mut self) -> Option<Work> {
+        self.0.try_recv().ok()
+    }
+}
 
 /// Serve `server` on `node`'s stage protocol until the process exits. Frames from every stream
-/// run in arrival order on one compute thread; streams are bounded per peer and in total.
+/// go through one bounded queue to one compute thread, which batches what is waiting
+/// ([`Node::serve_queue`]); streams are bounded per peer and in total.
 pub fn serve(node: &P2pNode, server: StageServer) -> Result<Arc<Node<P2pDialer>>, String> {
     let stage = Arc::new(Node::new(server, P2pDialer(node.clone())));
-    let (work_tx, mut work_rx) = mpsc::channel::<Work>(COMPUTE_QUEUE_FRAMES_MAX);
+    let (work_tx, work_rx) = mpsc::channel::<Work>(COMPUTE_QUEUE_FRAMES_MAX);
     let compute = Arc::clone(&stage);
     std::thread::Builder::new()
         .name("stage-compute".into())
-        .spawn(move || {
-            while let Some((frame, from)) = work_rx.blocking_recv() {
-                compute.on_frame(frame, &from);
-            }
-        })
+        .spawn(move || compute.serve_queue(&mut ComputeQueue(work_rx)))
         .map_err(|e| e.to_string())?;
     let mut incoming = node.control().accept(STAGE_PROTOCOL).map_err(|e| e.to_string())?;
     let rt = node.runtime().clone();

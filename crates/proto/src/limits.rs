@@ -81,8 +81,11 @@ pub const STAGE_STREAMS_TOTAL_MAX: usize = 512;
 pub const STREAM_SEND_QUEUE_FRAMES_MAX: usize = 16;
 /// Longest a worker waits for room in a stream's send queue before dropping the stream, ms.
 pub const STREAM_SEND_STALL_MS: u64 = 5_000;
-/// Frames queued for the compute thread, all streams together, before readers wait.
+/// Frames queued for a worker's compute thread, all connections together, before readers wait.
 pub const COMPUTE_QUEUE_FRAMES_MAX: usize = 64;
+/// Most frames one compute of a worker takes from its queue as one batch (their rows together
+/// stay within `FORWARD_BATCH_TOKENS_MAX`).
+pub const STAGE_BATCH_FRAMES_MAX: usize = 64;
 /// Dials (and stream opens) a node runs at once; further ones wait.
 pub const PENDING_DIALS_MAX: usize = 16;
 /// Bound on a single dial plus stream negotiation, milliseconds.
