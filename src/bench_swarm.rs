@@ -56,6 +56,7 @@ struct Totals {
     accepted: usize,
     depth_sum: usize,
     rounds_sent: usize,
+    draft_s: f64,
 }
 
 impl Totals {
@@ -72,6 +73,7 @@ impl Totals {
         self.accepted += s.accepted_tokens;
         self.depth_sum += s.depth_sum;
         self.rounds_sent += s.rounds_sent;
+        self.draft_s += s.draft_s_sum;
     }
     fn tokens_per_s(&self) -> f64 {
         self.tokens as f64 / self.seconds.max(1e-9)
@@ -89,6 +91,7 @@ struct Client {
     prompts: Vec<Vec<u32>>,
     max_tokens: usize,
     draft: String,
+    draft_threads: usize,
     draft_len: usize,
     tree_budget: usize,
     depth: usize,
@@ -100,7 +103,7 @@ impl Client {
         if mode == Mode::Plain {
             return Ok(Box::new(NoDraft));
         }
-        crate::speculate::drafter(&self.draft, &self.path, 1)
+        crate::speculate::drafter(&self.draft, &self.path, self.draft_threads)
     }
 
     fn run_one(&self, mode: Mode, ids: &[u32], session: u64) -> Result<SwarmSpecStats> {
@@ -201,6 +204,7 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
         prompts,
         max_tokens: args.max_tokens,
         draft: args.draft.clone(),
+        draft_threads: args.draft_threads,
         draft_len: args.draft_len,
         tree_budget: args.tree_budget,
         depth: args.depth,
@@ -234,7 +238,8 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
         let traversal_ms =
             if *mode == Mode::Pipelined && modes.contains(&Mode::Chain) { t_of(Mode::Chain) } else { t.traversal_ms() };
         let a = t.acceptance();
-        let ceiling = 1000.0 / ((1.0 - a).max(1e-9) * traversal_ms.max(1e-9));
+        // With no miss at all (a = 1) the formula has no finite ceiling: reported as null.
+        let ceiling = (a < 1.0).then(|| 1000.0 / ((1.0 - a) * traversal_ms.max(1e-9)));
         rows.insert(
             mode.name().into(),
             json!({
@@ -244,8 +249,9 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
                 "tokens_per_round": t.generated as f64 / t.rounds.max(1) as f64,
                 "traversal_ms": traversal_ms,
                 "ceiling_tokens_per_s": ceiling,
-                "percent_of_ceiling": 100.0 * t.tokens_per_s() / ceiling,
+                "percent_of_ceiling": ceiling.map(|c| 100.0 * t.tokens_per_s() / c),
                 "mean_pipeline_depth": t.depth_sum as f64 / t.rounds_sent.max(1) as f64,
+                "draft_ms_per_round": 1000.0 * t.draft_s / t.rounds_sent.max(1) as f64,
                 "tokens": t.tokens,
             }),
         );
@@ -340,6 +346,7 @@ pub fn swarm(args: &BenchSwarmArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         prompts: args.prompts.clone(),
         draft: args.draft.clone(),
+        draft_threads: args.draft_threads,
         draft_len: args.draft_len,
         tree_budget: args.tree_budget,
         depth: args.depth,
@@ -403,6 +410,7 @@ pub fn swarm(args: &BenchSwarmArgs) -> Result<()> {
                 .arg(&path)
                 .args(["--workers", &addrs.join(","), "--max-tokens", &args.max_tokens.to_string()])
                 .args(["--prompts", &args.prompts, "--draft", &args.draft, "--draft-len", &args.draft_len.to_string()])
+                .args(["--draft-threads", &args.draft_threads.to_string()])
                 .args(["--tree-budget", &args.tree_budget.to_string(), "--depth", &args.depth.to_string()])
                 .args(["--streams", &args.streams, "--modes", &args.modes])
                 .stderr(Stdio::inherit())
@@ -430,20 +438,21 @@ pub fn swarm(args: &BenchSwarmArgs) -> Result<()> {
     )?;
     writeln!(
         out,
-        "{:<10} {:>9} {:>6} {:>10} {:>8} {:>12} {:>6}",
-        "mode", "tok/s", "a", "tok/round", "T ms", "ceiling", "%"
+        "{:<10} {:>9} {:>6} {:>10} {:>8} {:>12} {:>6} {:>14}",
+        "mode", "tok/s", "a", "tok/round", "T ms", "ceiling", "%", "draft ms/round"
     )?;
     for (name, m) in result["modes"].as_object().context("modes")? {
         writeln!(
             out,
-            "{:<10} {:>9.1} {:>6.2} {:>10.2} {:>8.1} {:>12.1} {:>5.0}%",
+            "{:<10} {:>9.1} {:>6.2} {:>10.2} {:>8.1} {:>12} {:>6} {:>14.1}",
             name,
             m["tokens_per_s"].as_f64().unwrap_or(0.0),
             m["acceptance_rate"].as_f64().unwrap_or(0.0),
             m["tokens_per_round"].as_f64().unwrap_or(0.0),
             m["traversal_ms"].as_f64().unwrap_or(0.0),
-            m["ceiling_tokens_per_s"].as_f64().unwrap_or(0.0),
-            m["percent_of_ceiling"].as_f64().unwrap_or(0.0),
+            m["ceiling_tokens_per_s"].as_f64().map_or("none".into(), |c| format!("{c:.1}")),
+            m["percent_of_ceiling"].as_f64().map_or("-".into(), |p| format!("{p:.0}%")),
+            m["draft_ms_per_round"].as_f64().unwrap_or(0.0),
         )?;
     }
     for (k, s) in result["streams"].as_object().context("streams")? {

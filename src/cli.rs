@@ -287,6 +287,10 @@ pub struct BenchRingArgs {
     /// Drafter for the speculative modes (ngram, suffix, self:K, lens:K, skip:LAYERS, model:PATH_OR_NAME, FIRST/SECOND).
     #[arg(long, default_value = "suffix")]
     pub draft: String,
+    /// Compute threads of the client's draft model (model drafters only). The ring is
+    /// latency-bound, so the client's cores are mostly idle while rounds travel.
+    #[arg(long, default_value_t = 2)]
+    pub draft_threads: usize,
     /// Draft depth γ.
     #[arg(long, default_value_t = 8)]
     pub draft_len: usize,
@@ -330,6 +334,10 @@ pub struct BenchSwarmArgs {
     /// Drafter for the speculative modes (ngram, suffix, self:K, lens:K, skip:LAYERS, model:PATH_OR_NAME, FIRST/SECOND).
     #[arg(long, default_value = "suffix")]
     pub draft: String,
+    /// Compute threads of the client's draft model (model drafters only). The ring is
+    /// latency-bound, so the client's cores are mostly idle while rounds travel.
+    #[arg(long, default_value_t = 2)]
+    pub draft_threads: usize,
     /// Draft depth γ.
     #[arg(long, default_value_t = 8)]
     pub draft_len: usize,

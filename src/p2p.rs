@@ -339,7 +339,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     };
     if let Some(draft) = &args.draft {
         // Speculative: the tail verifies, only token ids come back (net::swarm_spec).
-        let mut drafter = crate::speculate::drafter(draft, &path, 1)?;
+        let mut drafter = crate::speculate::drafter(draft, &path, args.threads)?;
         let mut policy = crate::speculate::policy(args)?;
         let settings = specswarm_net::swarm_spec::SwarmSpecSettings {
             depth_max: args.pipeline.max(1),

@@ -84,6 +84,8 @@ pub struct SwarmSpecStats {
     /// Mean pipeline depth over rounds sent.
     pub depth_sum: usize,
     pub rounds_sent: usize,
+    /// Seconds the client spent drafting (outside the ring's traversals unless pipelined).
+    pub draft_s_sum: f64,
 }
 
 impl SwarmSpecStats {
@@ -142,6 +144,8 @@ struct Round {
     causal: bool,
     /// The token assumed to follow this round's drafts (the next round's root), if any.
     assumed: Option<u32>,
+    /// Seconds the drafter spent proposing this round.
+    draft_s: f64,
 }
 
 /// A ring the speculative client drives, over any transport: frames go to the head, replies
@@ -457,6 +461,7 @@ fn run_rounds(
                 break;
             }
             let budget = policy.next_budget();
+            let drafting = Instant::now();
             let (tree, assumed) = if pipelined {
                 let gamma = budget.max_depth.min(room);
                 let chain = drafter.propose(&spec_seq, &DraftBudget::chain(gamma + 1))?;
@@ -472,6 +477,7 @@ fn run_rounds(
                     (0..tree.len()).filter(|&i| i < budget.max_nodes && tree.depth(i) <= room).collect();
                 (if keep.len() == tree.len() { tree } else { tree.prune(&keep) }, None)
             };
+            let draft_s = drafting.elapsed().as_secs_f64();
             let causal = tree.is_chain();
             let root = *spec_seq.last().expect("never empty");
             let base = spec_seq.len() - 1;
@@ -484,8 +490,9 @@ fn run_rounds(
             stats.rounds_sent += 1;
             stats.depth_sum += in_flight.len() + 1;
             stats.drafted_nodes += tree.len();
+            stats.draft_s_sum += draft_s;
             let stop = assumed.is_none();
-            in_flight.push_back(Round { seq, sent: Instant::now(), base, tree, causal, assumed });
+            in_flight.push_back(Round { seq, sent: Instant::now(), base, tree, causal, assumed, draft_s });
             if stop {
                 break;
             }
@@ -518,7 +525,7 @@ fn run_rounds(
         policy.record(
             (0..round.tree.len()).map(|i| round.tree.depth(i)).max().unwrap_or(0),
             accepted.len(),
-            0.0,
+            round.draft_s,
             round.tree.len() + 1,
             traversal_s,
         );
