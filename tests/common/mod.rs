@@ -12,19 +12,7 @@ use specswarm_engine::chat::{ChatMessage, ChatTemplate};
 use specswarm_engine::hub;
 use specswarm_engine::tokenizer::Tokenizer;
 
-/// Ten short prompts of different kinds (chat, code, JSON, raw text).
-pub const PROMPTS_10: [&str; 10] = [
-    "What is the capital of France?",
-    "Write a Python function that reverses a string.",
-    "Give me three tips for staying focused.",
-    "Explain what a hash map is.",
-    "List the planets of the solar system.",
-    "def quicksort(xs):",
-    "The quick brown fox",
-    "Translate to French: good night",
-    "{\"tool\": \"search\", \"query\":",
-    "Once upon a time",
-];
+include!("../../fixtures/prompts/ten.rs");
 
 /// A known model, pulled and verified on first use.
 pub fn model_path(name: &str) -> PathBuf {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use specswarm_proto::wire::{Frame, Input, Message, SpecRound, VerifySpec};
 
-use crate::ring::{RingError, RingSpec};
+use crate::ring::{RingError, RingSpec, forward_message, open_message, reply_for};
 use crate::stage::decode_hidden;
 use crate::tcp::read_frame;
 
@@ -82,13 +82,8 @@ impl DirectRing {
                 .recv_timeout(left)
                 .map_err(|_| RingError::Unreachable { stage, reason: "no reply before the timeout".into() })?;
             let frame = item.map_err(|reason| RingError::Unreachable { stage: from, reason })?;
-            if frame.seq != seq || frame.session != self.session {
-                continue; // a stale reply of an earlier round
-            }
-            match frame.message {
-                Message::Error { code, message } => return Err(RingError::Refused { stage: from, code, message }),
-                m if from == stage => return Ok(m),
-                _ => return Err(RingError::Unexpected { stage: from }),
+            if let Some(reply) = reply_for(frame, from, stage, seq, self.session) {
+                return reply;
             }
         }
     }
@@ -143,19 +138,10 @@ impl DirectRing {
         // Every stage at once: each connects to its next hop while the others do the same.
         let mut pending: Vec<Option<u32>> = vec![None; n];
         for i in 0..n {
-            let (start, end) = self.spec.ranges[i];
-            let tail = i + 1 == n;
-            let next_hop = (!tail).then(|| self.addrs[i + 1].to_string());
-            let msg = Message::Open {
-                model_id: self.spec.model_id,
-                start,
-                end,
-                max_tokens,
-                next_hop,
-                tail_argmax: tail_argmax && tail,
-                verify: if tail { verify.clone() } else { None },
-            };
-            pending[i] = Some(self.send(i, msg)?);
+            let next_hop = (i + 1 < n).then(|| self.addrs[i + 1].to_string());
+            let (model_id, range) = (self.spec.model_id, self.spec.ranges[i]);
+            let open = open_message(i, n, model_id, range, next_hop, max_tokens, tail_argmax, verify.as_ref());
+            pending[i] = Some(self.send(i, open)?);
         }
         self.collect(pending)?;
         self.committed = 0;
@@ -190,13 +176,8 @@ impl DirectRing {
         tree_parents: Option<&[i32]>,
         spec: SpecRound,
     ) -> Result<u32, RingError> {
-        let msg = Message::Forward {
-            positions: positions.to_vec(),
-            tree_parents: tree_parents.map(<[i32]>::to_vec),
-            input: Input::Tokens(spec.tokens.clone()),
-            spec: Some(spec),
-        };
-        self.send(0, msg)
+        let tokens = Input::Tokens(spec.tokens.clone());
+        self.send(0, forward_message(tokens, positions, tree_parents, Some(spec)))
     }
 
     /// The next frame of this session any stage sends back, waiting until `deadline`.
@@ -226,13 +207,7 @@ impl DirectRing {
         positions: &[u32],
         tree_parents: Option<&[i32]>,
     ) -> Result<Input, RingError> {
-        let msg = Message::Forward {
-            positions: positions.to_vec(),
-            tree_parents: tree_parents.map(<[i32]>::to_vec),
-            input: Input::Tokens(tokens.to_vec()),
-            spec: None,
-        };
-        let seq = self.send(0, msg)?;
+        let seq = self.send(0, forward_message(Input::Tokens(tokens.to_vec()), positions, tree_parents, None))?;
         let tail = self.writers.len() - 1;
         match self.wait(tail, seq)? {
             Message::Output { input } => {

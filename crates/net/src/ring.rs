@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use specswarm_proto::wire::{Dtype, ErrorCode, Frame, Input, Message, WireError};
+use specswarm_proto::wire::{Dtype, ErrorCode, Frame, Input, Message, SpecRound, VerifySpec, WireError};
 
 use crate::stage::{StageServer, decode_hidden};
 
@@ -22,6 +22,63 @@ pub enum RingError {
     Unreachable { stage: usize, reason: String },
     #[error("stage {stage} replied with an unexpected message")]
     Unexpected { stage: usize },
+}
+
+/// The `Open` of stage `i` of an `n`-stage ring serving `range` of model `model_id`, forwarding
+/// to `next_hop` (none: replies go back to the opener). Only the tail gets `tail_argmax` and the
+/// verification settings.
+#[allow(clippy::too_many_arguments)]
+pub fn open_message(
+    i: usize,
+    n: usize,
+    model_id: [u8; 32],
+    range: (u32, u32),
+    next_hop: Option<String>,
+    max_tokens: u32,
+    tail_argmax: bool,
+    verify: Option<&VerifySpec>,
+) -> Message {
+    let tail = i + 1 == n;
+    Message::Open {
+        model_id,
+        start: range.0,
+        end: range.1,
+        max_tokens,
+        next_hop,
+        tail_argmax: tail_argmax && tail,
+        verify: if tail { verify.cloned() } else { None },
+    }
+}
+
+/// A batch of rows at `positions` (a tree when `tree_parents` is set): token ids for the head,
+/// or a speculative round whose tokens ride along for the tail.
+pub fn forward_message(
+    input: Input,
+    positions: &[u32],
+    tree_parents: Option<&[i32]>,
+    spec: Option<SpecRound>,
+) -> Message {
+    Message::Forward { positions: positions.to_vec(), tree_parents: tree_parents.map(<[i32]>::to_vec), input, spec }
+}
+
+/// What `frame`, received from stage `from`, means to a client of `session` waiting for the
+/// reply to `seq` from `stage`: `None` for a frame to skip (an earlier round's, another
+/// session's), else the reply or the error it carries (an error from any stage answers `seq`).
+pub fn reply_for(
+    frame: Frame,
+    from: usize,
+    stage: usize,
+    seq: u32,
+    session: u64,
+) -> Option<Result<Message, RingError>> {
+    if frame.seq != seq || frame.session != session {
+        return None;
+    }
+    Some(match frame.message {
+        Message::Error { code, message } => Err(RingError::Refused { stage: from, code, message }),
+        m if from == stage => Ok(m),
+        _ => Err(RingError::Unexpected { stage: from }),
+    })
 }
 
 /// One request/reply exchange with a stage.
@@ -98,19 +155,10 @@ impl RingClient {
 
     /// Open the session on every stage with a KV budget of `max_tokens`.
     pub fn open(&mut self, max_tokens: u32) -> Result<(), RingError> {
-        for (i, &(start, end)) in self.spec.ranges.clone().iter().enumerate() {
-            self.call(
-                i,
-                Message::Open {
-                    model_id: self.spec.model_id,
-                    start,
-                    end,
-                    max_tokens,
-                    next_hop: None,
-                    tail_argmax: false,
-                    verify: None,
-                },
-            )?;
+        let n = self.spec.ranges.len();
+        for i in 0..n {
+            let open = open_message(i, n, self.spec.model_id, self.spec.ranges[i], None, max_tokens, false, None);
+            self.call(i, open)?;
         }
         self.committed = 0;
         Ok(())
@@ -126,13 +174,7 @@ impl RingClient {
     ) -> Result<Vec<f32>, RingError> {
         let mut input = Input::Tokens(tokens.to_vec());
         for stage in 0..self.links.len() {
-            let msg = Message::Forward {
-                positions: positions.to_vec(),
-                tree_parents: tree_parents.map(<[i32]>::to_vec),
-                input,
-                spec: None,
-            };
-            match self.call(stage, msg)? {
+            match self.call(stage, forward_message(input, positions, tree_parents, None))? {
                 Message::Output { input: out } => input = out,
                 _ => return Err(RingError::Unexpected { stage }),
             }

@@ -53,18 +53,7 @@ fn ring_greedy(ring: &mut RingClient, prompt: &[u32], n: usize) -> Vec<u32> {
     out
 }
 
-const PROMPTS: [&str; 10] = [
-    "What is the capital of France?",
-    "Write a Python function that reverses a string.",
-    "Give me three tips for staying focused.",
-    "Explain what a hash map is.",
-    "List the planets of the solar system.",
-    "def quicksort(xs):",
-    "The quick brown fox",
-    "Translate to French: good night",
-    "{\"tool\": \"search\", \"query\":",
-    "Once upon a time",
-];
+include!("../../../fixtures/prompts/ten.rs");
 
 fn check_ring_equals_local(name: &str) {
     let p = path(name);
@@ -73,7 +62,7 @@ fn check_ring_equals_local(name: &str) {
     let tok = Tokenizer::from_gguf(&p).unwrap();
     let template = ChatTemplate::from_gguf(&p).unwrap();
     let mut r = ring(&p, &[0, n_layers / 3, 2 * n_layers / 3, n_layers]);
-    for prompt in PROMPTS {
+    for prompt in PROMPTS_10 {
         let ids = match &template {
             Some(t) => tok
                 .encode(

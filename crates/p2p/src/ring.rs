@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
-use specswarm_net::ring::{FAILOVERS_PER_REQUEST_MAX, RingError};
+use specswarm_net::ring::{FAILOVERS_PER_REQUEST_MAX, RingError, forward_message, open_message, reply_for};
 use specswarm_net::stage::decode_hidden;
 use specswarm_net::swarm_spec::{SpecRing, SwarmSpecError};
 use specswarm_proto::limits::{DHT_LOOKUP_TIMEOUT_MS, PING_WAIT_MS, STREAM_SEND_QUEUE_FRAMES_MAX};
@@ -254,13 +254,8 @@ impl P2pRing {
             };
             let Some(from) = self.stages.iter().position(|s| s.conn == conn) else { continue };
             let frame = item.map_err(|reason| RingError::Unreachable { stage: from, reason })?;
-            if frame.seq != seq || frame.session != self.session {
-                continue; // a stale reply of an earlier round
-            }
-            match frame.message {
-                Message::Error { code, message } => return Err(RingError::Refused { stage: from, code, message }),
-                m if from == stage => return Ok(m),
-                _ => return Err(RingError::Unexpected { stage: from }),
+            if let Some(reply) = reply_for(frame, from, stage, seq, self.session) {
+                return reply;
             }
         }
     }
@@ -275,17 +270,9 @@ impl P2pRing {
     fn open_with(&mut self, max_tokens: u32, tail_argmax: bool, verify: Option<VerifySpec>) -> Result<(), RingError> {
         let n = self.stages.len();
         for i in 0..n {
-            let (start, end) = (self.stages[i].cand.record.start, self.stages[i].cand.record.end);
+            let range = (self.stages[i].cand.record.start, self.stages[i].cand.record.end);
             let next_hop = (i + 1 < n).then(|| self.stages[i + 1].addr.to_string());
-            let msg = Message::Open {
-                model_id: self.model_id,
-                start,
-                end,
-                max_tokens,
-                next_hop,
-                tail_argmax: tail_argmax && i + 1 == n,
-                verify: if i + 1 == n { verify.clone() } else { None },
-            };
+            let msg = open_message(i, n, self.model_id, range, next_hop, max_tokens, tail_argmax, verify.as_ref());
             let seq = self.send(i, msg)?;
             self.wait(i, seq)?;
         }
@@ -295,13 +282,7 @@ impl P2pRing {
 
     /// Send a causal batch to the head; what the tail answers.
     pub fn forward(&mut self, tokens: &[u32], positions: &[u32]) -> Result<Input, RingError> {
-        let msg = Message::Forward {
-            positions: positions.to_vec(),
-            tree_parents: None,
-            input: Input::Tokens(tokens.to_vec()),
-            spec: None,
-        };
-        let seq = self.send(0, msg)?;
+        let seq = self.send(0, forward_message(Input::Tokens(tokens.to_vec()), positions, None, None))?;
         let tail = self.stages.len() - 1;
         match self.wait(tail, seq)? {
             Message::Output { input } => {
@@ -460,13 +441,8 @@ impl SpecRing for P2pRing {
         tree_parents: Option<&[i32]>,
         spec: SpecRound,
     ) -> Result<u32, RingError> {
-        let msg = Message::Forward {
-            positions: positions.to_vec(),
-            tree_parents: tree_parents.map(<[i32]>::to_vec),
-            input: Input::Tokens(spec.tokens.clone()),
-            spec: Some(spec),
-        };
-        self.send(0, msg)
+        let tokens = Input::Tokens(spec.tokens.clone());
+        self.send(0, forward_message(tokens, positions, tree_parents, Some(spec)))
     }
 
     fn next_frame(&mut self, deadline: Instant) -> Result<(usize, Frame), RingError> {
