@@ -19,7 +19,7 @@ use specswarm_net::swarm_spec::{RingPlan, SwarmSpecSettings, SwarmSpecStats, gen
 use specswarm_spec::drafter::{DraftBudget, Drafter, NoDraft};
 use specswarm_spec::policy::{Policy, PolicyMode};
 
-use crate::cli::{BenchRingArgs, BenchSwarmArgs};
+use crate::cli::{BenchRingArgs, BenchSwarmArgs, SwarmRunArgs};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
@@ -89,12 +89,7 @@ impl Totals {
 struct Client {
     plan: RingPlan,
     prompts: Vec<Vec<u32>>,
-    max_tokens: usize,
-    draft: String,
-    draft_threads: usize,
-    draft_len: usize,
-    tree_budget: usize,
-    depth: usize,
+    run: SwarmRunArgs,
     path: std::path::PathBuf,
 }
 
@@ -103,16 +98,16 @@ impl Client {
         if mode == Mode::Plain {
             return Ok(Box::new(NoDraft));
         }
-        crate::speculate::drafter(&self.draft, &self.path, self.draft_threads)
+        crate::speculate::drafter(&self.run.draft, &self.path, self.run.draft_threads)
     }
 
     fn run_one(&self, mode: Mode, ids: &[u32], session: u64) -> Result<SwarmSpecStats> {
         let budget = match mode {
-            Mode::Tree => DraftBudget { max_nodes: self.tree_budget, max_depth: self.draft_len, max_branch: 3 },
-            _ => DraftBudget::chain(self.draft_len),
+            Mode::Tree => DraftBudget { max_nodes: self.run.tree_budget, max_depth: self.run.draft_len, max_branch: 3 },
+            _ => DraftBudget::chain(self.run.draft_len),
         };
         let settings = SwarmSpecSettings {
-            depth_max: if mode == Mode::Pipelined { self.depth } else { 1 },
+            depth_max: if mode == Mode::Pipelined { self.run.depth } else { 1 },
             adaptive_depth: true,
             failovers_max: 0,
         };
@@ -126,7 +121,7 @@ impl Client {
             &mut policy,
             &settings,
             ids,
-            self.max_tokens,
+            self.run.max_tokens,
             &SamplerConfig::greedy(),
             &[],
             &mut |_| None,
@@ -197,22 +192,18 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
         specswarm_net::delay::set_send_delay(Duration::from_secs_f64(args.delay_ms / 1000.0));
     }
     let tok = specswarm_engine::tokenizer::Tokenizer::from_gguf(&path)?;
-    let suite = crate::prompts::suite(&args.prompts).with_context(|| format!("unknown suite {:?}", args.prompts))?;
+    let suite =
+        crate::prompts::suite(&args.run.prompts).with_context(|| format!("unknown suite {:?}", args.run.prompts))?;
     let prompts = suite.iter().map(|p| crate::encode_prompt(&path, &tok, p, true)).collect::<Result<Vec<_>>>()?;
     let client = Client {
         plan: RingPlan { addrs, spec: RingSpec { model_id, ranges }, session: 1, timeout: Duration::from_secs(120) },
         prompts,
-        max_tokens: args.max_tokens,
-        draft: args.draft.clone(),
-        draft_threads: args.draft_threads,
-        draft_len: args.draft_len,
-        tree_budget: args.tree_budget,
-        depth: args.depth,
+        run: args.run.clone(),
         path: path.clone(),
     };
     let modes: Vec<Mode> = [Mode::Plain, Mode::Chain, Mode::Tree, Mode::Pipelined]
         .into_iter()
-        .filter(|m| args.modes.split(',').any(|x| x.trim() == m.name()))
+        .filter(|m| args.run.modes.split(',').any(|x| x.trim() == m.name()))
         .collect();
     if modes.is_empty() {
         bail!("--modes names none of plain, chain, tree, pipelined");
@@ -266,6 +257,7 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
     let mut streams = serde_json::Map::new();
     let mut one = 0.0;
     let counts: Vec<usize> = args
+        .run
         .streams
         .split(',')
         .filter(|s| !s.trim().is_empty())
@@ -293,10 +285,10 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
     Ok(json!({
         "model": args.model,
         "stages": n,
-        "prompts": args.prompts,
-        "draft": args.draft,
-        "draft_len": args.draft_len,
-        "max_tokens": args.max_tokens,
+        "prompts": args.run.prompts,
+        "draft": args.run.draft,
+        "draft_len": args.run.draft_len,
+        "max_tokens": args.run.max_tokens,
         "modes": Value::Object(rows),
         "streams_mode": best.name(),
         "streams": Value::Object(streams),
@@ -343,15 +335,7 @@ pub fn swarm(args: &BenchSwarmArgs) -> Result<()> {
     let mut ring_args = BenchRingArgs {
         model: path.display().to_string(),
         workers: String::new(),
-        max_tokens: args.max_tokens,
-        prompts: args.prompts.clone(),
-        draft: args.draft.clone(),
-        draft_threads: args.draft_threads,
-        draft_len: args.draft_len,
-        tree_budget: args.tree_budget,
-        depth: args.depth,
-        streams: args.streams.clone(),
-        modes: args.modes.clone(),
+        run: args.run.clone(),
         delay_ms: 0.0,
     };
     let result = match args.emulator.as_str() {
@@ -408,11 +392,8 @@ pub fn swarm(args: &BenchSwarmArgs) -> Result<()> {
                 .arg(&exe)
                 .args(["bench", "ring", "--model"])
                 .arg(&path)
-                .args(["--workers", &addrs.join(","), "--max-tokens", &args.max_tokens.to_string()])
-                .args(["--prompts", &args.prompts, "--draft", &args.draft, "--draft-len", &args.draft_len.to_string()])
-                .args(["--draft-threads", &args.draft_threads.to_string()])
-                .args(["--tree-budget", &args.tree_budget.to_string(), "--depth", &args.depth.to_string()])
-                .args(["--streams", &args.streams, "--modes", &args.modes])
+                .args(["--workers", &addrs.join(",")])
+                .args(args.run.to_flags())
                 .stderr(Stdio::inherit())
                 .output()?;
             if !out.status.success() {
@@ -434,7 +415,7 @@ pub fn swarm(args: &BenchSwarmArgs) -> Result<()> {
     writeln!(
         out,
         "{} stages, {} ms one way per hop ({}), suite {}, drafter {} (γ {}), {} tokens per prompt",
-        n, args.latency_ms, args.emulator, args.prompts, args.draft, args.draft_len, args.max_tokens
+        n, args.latency_ms, args.emulator, args.run.prompts, args.run.draft, args.run.draft_len, args.run.max_tokens
     )?;
     writeln!(
         out,

@@ -271,19 +271,16 @@ pub enum BenchCommand {
     Ring(BenchRingArgs),
 }
 
-#[derive(Args, Debug)]
-pub struct BenchRingArgs {
-    #[arg(long, default_value = "smollm2-135m")]
-    pub model: String,
-    /// Comma-separated worker addresses, in layer order (each serves an equal share of layers).
-    #[arg(long)]
-    pub workers: String,
-    /// Tokens per prompt.
-    #[arg(long, default_value_t = 48)]
-    pub max_tokens: usize,
+/// What a swarm benchmark's client runs: the same for `bench swarm` and its client half
+/// `bench ring`.
+#[derive(Args, Clone, Debug)]
+pub struct SwarmRunArgs {
     /// Prompt suite: chat, code, agentic or copy.
     #[arg(long, default_value = "chat")]
     pub prompts: String,
+    /// Tokens per prompt.
+    #[arg(long, default_value_t = 48)]
+    pub max_tokens: usize,
     /// Drafter for the speculative modes (ngram, suffix, self:K, lens:K, skip:LAYERS, model:PATH_OR_NAME, FIRST/SECOND).
     #[arg(long, default_value = "suffix")]
     pub draft: String,
@@ -306,6 +303,35 @@ pub struct BenchRingArgs {
     /// Comma-separated modes to measure: plain, chain, tree, pipelined.
     #[arg(long, default_value = "plain,chain,tree,pipelined")]
     pub modes: String,
+}
+
+impl SwarmRunArgs {
+    /// The same settings as command-line flags (to start a client in another process).
+    pub fn to_flags(&self) -> Vec<String> {
+        let flags = [
+            ("--prompts", self.prompts.clone()),
+            ("--max-tokens", self.max_tokens.to_string()),
+            ("--draft", self.draft.clone()),
+            ("--draft-threads", self.draft_threads.to_string()),
+            ("--draft-len", self.draft_len.to_string()),
+            ("--tree-budget", self.tree_budget.to_string()),
+            ("--depth", self.depth.to_string()),
+            ("--streams", self.streams.clone()),
+            ("--modes", self.modes.clone()),
+        ];
+        flags.into_iter().flat_map(|(flag, value)| [flag.to_string(), value]).collect()
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct BenchRingArgs {
+    #[arg(long, default_value = "smollm2-135m")]
+    pub model: String,
+    /// Comma-separated worker addresses, in layer order (each serves an equal share of layers).
+    #[arg(long)]
+    pub workers: String,
+    #[command(flatten)]
+    pub run: SwarmRunArgs,
     /// One-way delay this client adds to every frame it sends (in-process emulator), ms.
     #[arg(long, default_value_t = 0.0)]
     pub delay_ms: f64,
@@ -325,34 +351,8 @@ pub struct BenchSwarmArgs {
     /// (namespaces joined by the user-space TUN router; root).
     #[arg(long, default_value = "inproc")]
     pub emulator: String,
-    /// Prompt suite: chat, code, agentic or copy.
-    #[arg(long, default_value = "chat")]
-    pub prompts: String,
-    /// Tokens per prompt.
-    #[arg(long, default_value_t = 48)]
-    pub max_tokens: usize,
-    /// Drafter for the speculative modes (ngram, suffix, self:K, lens:K, skip:LAYERS, model:PATH_OR_NAME, FIRST/SECOND).
-    #[arg(long, default_value = "suffix")]
-    pub draft: String,
-    /// Compute threads of the client's draft model (model drafters only). The ring is
-    /// latency-bound, so the client's cores are mostly idle while rounds travel.
-    #[arg(long, default_value_t = 2)]
-    pub draft_threads: usize,
-    /// Draft depth γ.
-    #[arg(long, default_value_t = 8)]
-    pub draft_len: usize,
-    /// Tree node budget B of the tree mode.
-    #[arg(long, default_value_t = 24)]
-    pub tree_budget: usize,
-    /// Most rounds in flight in the pipelined mode.
-    #[arg(long, default_value_t = 4)]
-    pub depth: usize,
-    /// Comma-separated concurrent stream counts (empty: none).
-    #[arg(long, default_value = "1,4,8")]
-    pub streams: String,
-    /// Comma-separated modes to measure: plain, chain, tree, pipelined.
-    #[arg(long, default_value = "plain,chain,tree,pipelined")]
-    pub modes: String,
+    #[command(flatten)]
+    pub run: SwarmRunArgs,
     #[arg(long)]
     pub json: bool,
 }
