@@ -38,7 +38,15 @@ pub trait Dialer: Send + Sync {
 }
 
 /// A frame and the connection it arrived on.
-pub type Work = (Frame, Arc<dyn FrameSink>);
+pub type Arrived = (Frame, Arc<dyn FrameSink>);
+
+/// An item of a worker's compute queue: a frame, or bytes read from a connection that were not
+/// a frame. The second is answered (an error without a session) in its turn, after the replies
+/// to everything queued before it, so it never overtakes a reply on the same connection.
+pub enum Work {
+    Frame(Frame, Arc<dyn FrameSink>),
+    Undecodable { reason: String, from: Arc<dyn FrameSink> },
+}
 
 /// The receiving end of a worker's bounded compute queue: connection readers put every frame
 /// they read into it (waiting while it is full), one compute thread drains it
@@ -148,7 +156,7 @@ impl<D: Dialer> Node<D> {
     /// Handle frames that arrived together, in arrival order, as one batch: `Forward` frames of
     /// different sessions run through the slice together ([`StageServer::handle_many`]); every
     /// reply and every output forwarded to a next hop then goes out frame by frame, in order.
-    pub fn on_frames(&self, work: Vec<Work>) {
+    pub fn on_frames(&self, work: Vec<Arrived>) {
         let now = Instant::now();
         let (frames, senders): (Vec<Frame>, Vec<Arc<dyn FrameSink>>) = work.into_iter().unzip();
         let replies = {
@@ -170,19 +178,30 @@ impl<D: Dialer> Node<D> {
     pub fn serve_queue(&self, queue: &mut impl WorkQueue) {
         let mut held: Option<Work> = None;
         while let Some(first) = held.take().or_else(|| queue.wait()) {
+            let first = match first {
+                Work::Frame(frame, from) => (frame, from),
+                Work::Undecodable { reason, from } => {
+                    from.send(&malformed_frame(reason));
+                    continue;
+                }
+            };
             let mut rows = forward_rows(&first.0);
             let mut ends = opens_route(&first.0);
             let mut batch = vec![first];
             while !ends && batch.len() < STAGE_BATCH_FRAMES_MAX {
                 let Some(work) = queue.ready() else { break };
-                let r = forward_rows(&work.0);
+                let Work::Frame(frame, from) = work else {
+                    held = Some(work); // answered after this batch's replies
+                    break;
+                };
+                let r = forward_rows(&frame);
                 if rows + r > FORWARD_BATCH_TOKENS_MAX {
-                    held = Some(work);
+                    held = Some(Work::Frame(frame, from));
                     break;
                 }
                 rows += r;
-                ends = opens_route(&work.0);
-                batch.push(work);
+                ends = opens_route(&frame);
+                batch.push((frame, from));
             }
             self.on_frames(batch);
         }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use specswarm_proto::limits::COMPUTE_QUEUE_FRAMES_MAX;
 use specswarm_proto::wire::{Frame, HEADER_BYTES};
 
-use crate::node::{Dialer, FrameSink, Node, Work, malformed_frame};
+use crate::node::{Dialer, FrameSink, Node, Work};
 use crate::ring::StageLink;
 use crate::stage::StageServer;
 
@@ -72,20 +72,18 @@ pub fn serve(listener: TcpListener, server: StageServer) -> std::io::Result<()> 
                 let bytes = match read_frame(&mut reader) {
                     Ok(Ok(b)) => b,
                     Ok(Err(e)) => {
-                        writer.send(&malformed_frame(e.to_string()));
+                        // A bad header: the stream cannot be resynchronised; answer, then close.
+                        let _ = queue.send(Work::Undecodable { reason: e.to_string(), from: writer });
                         return;
                     }
                     Err(_) => return,
                 };
-                match Frame::decode(&bytes) {
-                    Ok(frame) => {
-                        if queue.send((frame, Arc::clone(&writer))).is_err() {
-                            return; // the compute thread is gone
-                        }
-                    }
-                    Err(e) => {
-                        writer.send(&malformed_frame(e.to_string()));
-                    }
+                let work = match Frame::decode(&bytes) {
+                    Ok(frame) => Work::Frame(frame, Arc::clone(&writer)),
+                    Err(e) => Work::Undecodable { reason: e.to_string(), from: Arc::clone(&writer) },
+                };
+                if queue.send(work).is_err() {
+                    return; // the compute thread is gone
                 }
             }
         })?;

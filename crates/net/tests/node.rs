@@ -11,7 +11,7 @@ use specswarm_engine::hub;
 use specswarm_engine::model::{LoadOptions, ModelSlice};
 use specswarm_engine::sampling::Sampler;
 use specswarm_engine::tokenizer::Tokenizer;
-use specswarm_net::node::{Dialer, FrameSink, Node};
+use specswarm_net::node::{Dialer, FrameSink, Node, Work};
 use specswarm_net::stage::{StageLimits, StageServer};
 use specswarm_proto::limits::COMPUTE_QUEUE_FRAMES_MAX;
 use specswarm_proto::wire::{ErrorCode, Frame, Input, Message};
@@ -179,7 +179,7 @@ fn queued_frames_of_many_sessions_equal_local() {
             let positions: Vec<u32> = (*pos..*pos + feed.len() as u32).collect();
             *pos += feed.len() as u32;
             let m = Message::Forward { positions, tree_parents: None, input: Input::Tokens(feed.clone()), spec: None };
-            queue.send((frame(*session, 2 + step, m), Arc::clone(&client))).unwrap();
+            queue.send(Work::Frame(frame(*session, 2 + step, m), Arc::clone(&client))).unwrap();
         }
         drop(queue);
         nodes[0].serve_queue(&mut work);

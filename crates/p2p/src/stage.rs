@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol};
-use specswarm_net::node::{Dialer, FrameSink, Node, Work, WorkQueue, malformed_frame};
+use specswarm_net::node::{Dialer, FrameSink, Node, Work, WorkQueue};
 use specswarm_net::stage::StageServer;
 use specswarm_proto::limits::{
     COMPUTE_QUEUE_FRAMES_MAX, DIAL_TIMEOUT_MS, STAGE_STREAMS_PER_PEER_MAX, STAGE_STREAMS_TOTAL_MAX,
@@ -172,12 +172,15 @@ pub fn serve(node: &P2pNode, server: StageServer) -> Result<Arc<Node<P2pDialer>>
                 loop {
                     match read_frame(&mut r).await {
                         Ok(Ok(frame)) => {
-                            if work_tx.send((frame, Arc::clone(&sink))).await.is_err() {
+                            if work_tx.send(Work::Frame(frame, Arc::clone(&sink))).await.is_err() {
                                 break;
                             }
                         }
                         Ok(Err(e)) => {
-                            let _ = tx.send(malformed_frame(e.to_string()).encode()).await;
+                            // Answered in its turn (after the replies to frames before it), then
+                            // the stream closes.
+                            let from = Arc::clone(&sink);
+                            let _ = work_tx.send(Work::Undecodable { reason: e.to_string(), from }).await;
                             break;
                         }
                         Err(_) => break,
