@@ -209,19 +209,62 @@ async fn cancelled_stream_leaves_the_others_unchanged() {
     assert!(cancelled < 200, "the cancelled stream produced {cancelled} tokens");
 }
 
-/// Aggregate tokens/s of eight concurrent greedy requests (64 tokens each) at `--parallel` 1,
-/// 2 and 8. Prints numbers, asserts nothing about them:
+/// A stream nobody reads fills its channels and parks its own sequence only: a request sent
+/// meanwhile still finishes, and the parked stream, read afterwards, is complete and equal to
+/// its non-streaming answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_stream_parks_only_itself() {
+    let st = state(8);
+    let story = json!({"model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}],
+                       "max_tokens": 300, "temperature": 0});
+    let whole = answer(&send_json(&st, "/v1/chat/completions", &story).await);
+    assert_eq!(whole["usage"]["completion_tokens"], 300, "the story should run to max_tokens: {whole}");
+    let (uri, other) = requests().swap_remove(1);
+    let other_alone = answer(&send_json(&st, uri, &other).await);
+
+    let mut streamed = story.clone();
+    streamed["stream"] = json!(true);
+    let resp = app(st.clone()).oneshot(post("/v1/chat/completions", &streamed)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // More tokens than the two channels between the scheduler and the client hold.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got = tokio::time::timeout(Duration::from_secs(60), send_json(&st, uri, &other))
+        .await
+        .expect("a request beside a parked stream must finish");
+    assert_eq!(answer(&got), other_alone);
+    let raw = resp.into_body().collect().await.unwrap().to_bytes();
+    let text: String = String::from_utf8(raw.to_vec())
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| {
+            serde_json::from_str::<Value>(d).unwrap()["choices"][0]["delta"]["content"].as_str().map(str::to_string)
+        })
+        .collect();
+    assert_eq!(text, whole["text"].as_str().unwrap());
+    wait_sessions_zero(&st).await;
+}
+
+/// Aggregate tokens/s of eight concurrent requests (at most 64 tokens each; greedy at
+/// `--parallel` 1, 2 and 8, seeded sampling at 1 and 8). Prints numbers, asserts nothing about them:
 /// `cargo test --release -p specswarm-gateway --test batching -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn throughput_of_eight_concurrent_requests() {
-    let body = |q: &str| {
-        json!({"model": MODEL, "messages": [{"role": "user", "content": q}], "max_tokens": 64,
-               "temperature": 0})
+    let body = |q: &str, sampled: bool| {
+        let mut b = json!({"model": MODEL, "messages": [{"role": "user", "content": q}], "max_tokens": 64,
+                           "temperature": 0});
+        if sampled {
+            b["temperature"] = json!(0.8);
+            b["top_p"] = json!(0.95);
+            b["seed"] = json!(q.len());
+        }
+        b
     };
     // Warm-up.
-    send_json(&state(1), "/v1/chat/completions", &body("Hello")).await;
-    for parallel in [1, 2, 8] {
+    send_json(&state(1), "/v1/chat/completions", &body("Hello", false)).await;
+    for (parallel, sampled) in [(1, false), (2, false), (8, false), (1, true), (8, true)] {
         let st = state(parallel);
         let before = backend().model(MODEL).unwrap().batch_stats();
         let t0 = Instant::now();
@@ -229,7 +272,7 @@ async fn throughput_of_eight_concurrent_requests() {
             .iter()
             .map(|q| {
                 let st = st.clone();
-                let b = body(q);
+                let b = body(q, sampled);
                 tokio::spawn(async move { send_json(&st, "/v1/chat/completions", &b).await })
             })
             .collect();
@@ -241,8 +284,9 @@ async fn throughput_of_eight_concurrent_requests() {
         let after = backend().model(MODEL).unwrap().batch_stats();
         let steps = after.steps - before.steps;
         eprintln!(
-            "parallel {parallel}: 8 requests, {tokens} tokens in {s:.2} s = {:.1} tokens/s aggregate \
+            "parallel {parallel}, {}: 8 requests, {tokens} tokens in {s:.2} s = {:.1} tokens/s aggregate \
              ({steps} steps, {:.1} sequences and {:.1} rows per step)",
+            if sampled { "sampled" } else { "greedy" },
             tokens as f64 / s,
             (after.sequences - before.sequences) as f64 / steps as f64,
             (after.rows - before.rows) as f64 / steps as f64,
