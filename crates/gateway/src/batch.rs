@@ -246,12 +246,17 @@ impl Runner {
             }
             self.retire();
             if !self.step() {
-                // Every sequence is parked on a full channel: wait for room or a new job.
+                // Every sequence is parked on a full channel (or none is left): wait for room
+                // or a new job.
+                if self.seqs.len() >= GATEWAY_BATCH_SEQUENCES_MAX {
+                    std::thread::sleep(PARKED_POLL);
+                    continue;
+                }
                 match self.jobs.recv_timeout(PARKED_POLL) {
                     Ok(job) => self.add(job),
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) if self.seqs.is_empty() => return,
-                    Err(RecvTimeoutError::Disconnected) => {}
+                    Err(RecvTimeoutError::Disconnected) => std::thread::sleep(PARKED_POLL),
                 }
             }
         }
