@@ -123,8 +123,9 @@ pub struct GatewayArgs {
     /// Compute threads per model (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Generations computed at once; the others wait in the queue.
-    #[arg(long, default_value_t = 2)]
+    /// Generations computed at once; the others wait in the queue. The local backend runs them
+    /// as one batch per step.
+    #[arg(long, default_value_t = specswarm_proto::limits::GATEWAY_PARALLEL_DEFAULT)]
     pub parallel: usize,
     /// Generations held at once (running or queued); beyond this requests get 503.
     #[arg(long, default_value_t = specswarm_proto::limits::GATEWAY_SESSIONS_MAX)]

@@ -3,7 +3,8 @@
 //!
 //! - [`app`] builds the axum [`Router`] from an [`AppState`]; handlers are tested without sockets.
 //! - [`backend`]: the narrow [`Backend`] trait (models, swarm status, blocking generate with a
-//!   cancel token and a token callback); [`local`]: whole models in this process.
+//!   cancel token and a token callback); [`local`]: whole models in this process, whose plain
+//!   generations [`batch`] runs together (continuous batching, one scheduler thread per model).
 //! - [`session`]: admission, the compute-slot queue, stop strings, cancellation on disconnect.
 //! - [`openai`], [`anthropic`]: request/response shapes and streaming for each API.
 //! - [`prompt`]: chat templates with tools, and tool calls parsed out of generated text.
@@ -14,6 +15,7 @@
 pub mod anthropic;
 pub mod auth;
 pub mod backend;
+pub mod batch;
 pub mod error;
 pub mod local;
 pub mod metrics;
@@ -45,7 +47,8 @@ use metrics::{Gauges, Metrics};
 /// Gateway settings.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
-    /// Generations computed at once; the rest wait in the queue.
+    /// Generations computed at once; the rest wait in the queue. The local backend batches
+    /// them (one forward per step for all of them), so this is also its batch width.
     pub parallel: usize,
     /// Generations held at once, running or queued; beyond it requests get 503.
     pub sessions_max: usize,
@@ -56,7 +59,7 @@ pub struct GatewayConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
-            parallel: 2,
+            parallel: specswarm_proto::limits::GATEWAY_PARALLEL_DEFAULT,
             sessions_max: specswarm_proto::limits::GATEWAY_SESSIONS_MAX,
             body_bytes_max: specswarm_proto::limits::GATEWAY_REQUEST_BODY_BYTES_MAX,
         }

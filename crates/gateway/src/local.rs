@@ -2,14 +2,24 @@
 //! model-free speculative drafter (`specswarm_spec::decode`). Greedy output is the same with and
 //! without the drafter (speculation is lossless); log-probabilities need the plain path, which is
 //! used whenever they are asked for.
+//!
+//! **Plain generations are batched** ([`crate::batch`]): each model has one scheduler thread
+//! that owns the caches of all its plain generations and runs their prefill chunks and decode
+//! tokens through one [`ModelSlice::forward_many`] per step, admitting new requests between
+//! steps. The request's own thread (the caller of [`Backend::generate`]) tokenizes, submits,
+//! and turns the tokens that come back into text and log-probabilities. Output is token for
+//! token what the request gets alone. **Speculative generations are not batched**: a request on
+//! a model with a drafter runs its own rounds (`generate_speculative`) on the calling thread,
+//! beside the scheduler, as before — verification trees of several requests could share a step
+//! too, but the speculative loop owns its cache and its forward calls today.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::sync::mpsc::sync_channel;
 
 use specswarm_engine::generate::FinishReason;
-use specswarm_engine::model::{Batch, LoadOptions, ModelSlice, StepInput, Want};
+use specswarm_engine::model::{LoadOptions, ModelSlice};
 use specswarm_engine::sampling::Sampler;
 use specswarm_engine::tokenizer::{StreamDecoder, Tokenizer};
 use specswarm_spec::drafter::DraftBudget;
@@ -22,6 +32,7 @@ use crate::backend::{
     Backend, BackendError, CancelToken, Finish, GenerateOutcome, GenerateRequest, ModelInfo, SwarmStatus, TokenLogprob,
     TokenPiece, WorkerStatus,
 };
+use crate::batch::{BatchStats, Job, Msg, Scheduler};
 use crate::metrics::Throughput;
 use crate::prompt::PromptFormat;
 
@@ -55,8 +66,10 @@ impl DraftKind {
 pub struct LocalModel {
     pub id: String,
     pub path: PathBuf,
-    slice: ModelSlice,
+    slice: Arc<ModelSlice>,
     format: PromptFormat,
+    /// The batch scheduler of plain generations.
+    scheduler: Scheduler,
     drafter: Option<(DraftKind, usize)>,
     active: AtomicUsize,
     throughput: Throughput,
@@ -74,11 +87,14 @@ impl LocalModel {
         let slice = ModelSlice::load(path, &LoadOptions { layers: None, threads, ..Default::default() })
             .map_err(|e| format!("loading {}: {e}", path.display()))?;
         let format = PromptFormat::from_gguf(path)?;
+        let slice = Arc::new(slice);
+        let scheduler = Scheduler::spawn(id, slice.clone(), format.tokenizer.stop_ids().to_vec())?;
         Ok(LocalModel {
             id: id.to_string(),
             path: path.to_path_buf(),
             slice,
             format,
+            scheduler,
             drafter,
             active: AtomicUsize::new(0),
             throughput: Throughput::default(),
@@ -87,6 +103,11 @@ impl LocalModel {
 
     pub fn format(&self) -> &PromptFormat {
         &self.format
+    }
+
+    /// Counters of the batched steps this model has run.
+    pub fn batch_stats(&self) -> BatchStats {
+        self.scheduler.stats()
     }
 }
 
@@ -199,7 +220,7 @@ impl Backend for LocalBackend {
                 outcome.decode_s = s.decode.as_secs_f64();
                 finish
             }
-            _ => decode_plain(&m.slice, tok, &prompt, req, &mut sampler, &mut emit, &mut outcome)?,
+            _ => decode_batched(m, &prompt, req, sampler, &mut emit, &mut outcome)?,
         };
         outcome.finish = Some(match finish {
             FinishReason::Stop => Finish::Stop,
@@ -210,50 +231,56 @@ impl Backend for LocalBackend {
     }
 }
 
-/// Plain decoding (the engine's `generate` loop) that can also report log-probabilities.
-fn decode_plain(
-    model: &ModelSlice,
-    tok: &Tokenizer,
+/// Plain decoding through the model's batch scheduler: submit, then report each token that
+/// comes back. When `emit` declines a token the scheduler is told to drop the sequence; its
+/// `Done` (with the timings) still comes, and the tokens computed meanwhile are not reported.
+fn decode_batched(
+    m: &LocalModel,
     prompt: &[u32],
     req: &GenerateRequest,
-    sampler: &mut Sampler,
+    sampler: Sampler,
     emit: &mut dyn FnMut(u32, Option<TokenLogprob>) -> bool,
     outcome: &mut GenerateOutcome,
 ) -> Result<FinishReason, BackendError> {
-    let engine = |e: specswarm_engine::EngineError| BackendError::Internal(e.to_string());
-    if req.max_tokens == 0 {
-        return Ok(FinishReason::Length);
-    }
-    let mut kv = model.new_cache(prompt.len() + req.max_tokens);
-    let mut history = prompt.to_vec();
-    let t0 = Instant::now();
-    let positions: Vec<u32> = (0..prompt.len() as u32).collect();
-    let batch = Batch { input: StepInput::Tokens(prompt), positions: &positions, tree_parents: None };
-    let mut logits = model.forward(&mut kv, &batch, Want::LastLogits).map_err(engine)?.into_data();
-    outcome.prefill_s = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let mut generated = 0;
-    let finish = loop {
-        let id = sampler.sample(&logits, &history);
-        generated += 1;
-        history.push(id);
-        if tok.stop_ids().contains(&id) {
-            break FinishReason::Stop;
-        }
-        let lp = req.top_logprobs.map(|n| logprobs(tok, &logits, id, n));
-        if !emit(id, lp) {
-            break FinishReason::Cancelled;
-        }
-        if generated == req.max_tokens {
-            break FinishReason::Length;
-        }
-        let pos = [kv.len() as u32];
-        let batch = Batch { input: StepInput::Tokens(&[id]), positions: &pos, tree_parents: None };
-        logits = model.forward(&mut kv, &batch, Want::LastLogits).map_err(engine)?.into_data();
+    let (tx, rx) = sync_channel(specswarm_proto::limits::GATEWAY_STREAM_EVENTS_BUFFERED_MAX);
+    let cancel = CancelToken::default();
+    let job = Job {
+        prompt: prompt.to_vec(),
+        max_tokens: req.max_tokens,
+        sampler,
+        want_logits: req.top_logprobs.is_some(),
+        cancel: cancel.clone(),
+        tx,
     };
-    outcome.decode_s = t1.elapsed().as_secs_f64();
-    outcome.completion_tokens = generated;
-    Ok(finish)
+    m.scheduler.submit(job).map_err(BackendError::Internal)?;
+    let tok = &m.format.tokenizer;
+    let mut reported = 0;
+    let mut declined = false;
+    loop {
+        match rx.recv() {
+            Ok(Msg::Token { .. }) if declined => {}
+            Ok(Msg::Token { id, logits }) => {
+                let lp = req.top_logprobs.zip(logits).map(|(n, logits)| logprobs(tok, &logits, id, n));
+                reported += 1;
+                if !emit(id, lp) {
+                    declined = true;
+                    cancel.cancel();
+                }
+            }
+            Ok(Msg::Done(result)) => {
+                let s = result.map_err(BackendError::Internal)?;
+                outcome.prefill_s = s.prefill_s;
+                outcome.decode_s = s.decode_s;
+                if declined {
+                    outcome.completion_tokens = reported;
+                    return Ok(FinishReason::Cancelled);
+                }
+                outcome.completion_tokens = s.completion_tokens;
+                return Ok(s.finish);
+            }
+            Err(_) => return Err(BackendError::Internal("the model's batch scheduler stopped".into())),
+        }
+    }
 }
 
 /// Natural-log probabilities of `id` and of the `n` most likely tokens under softmax(`logits`).

@@ -65,6 +65,17 @@ pub const GATEWAY_THROUGHPUT_WINDOW_S: u64 = 10;
 /// Events buffered between a running generation and its HTTP response; a slow client holds the
 /// generation back (backpressure) instead of growing a queue.
 pub const GATEWAY_STREAM_EVENTS_BUFFERED_MAX: usize = 64;
+/// Generations computed at once by default (`--parallel`). The local backend runs them as one
+/// batch: a decode step of eight sequences costs little more than one on a CPU.
+pub const GATEWAY_PARALLEL_DEFAULT: usize = 8;
+/// Generations waiting for a local model's batch scheduler before their threads wait too.
+pub const GATEWAY_BATCH_QUEUE_REQUESTS_MAX: usize = 64;
+/// Most sequences one local model decodes together (the rest wait in its queue).
+pub const GATEWAY_BATCH_SEQUENCES_MAX: usize = 64;
+/// Most rows (decode tokens plus prompt chunks) in one batched step of a local model: a long
+/// prompt is prefilled in chunks so that the sequences decoding beside it wait at most one
+/// chunk's compute per token.
+pub const GATEWAY_BATCH_STEP_TOKENS_MAX: usize = 256;
 
 // ---- The libp2p swarm (`specswarm-p2p`) and worker routing (`specswarm-net::node`).
 
