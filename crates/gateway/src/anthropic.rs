@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -14,11 +15,12 @@ use serde_json::{Value, json};
 use specswarm_proto::limits::{GATEWAY_MESSAGES_MAX, GATEWAY_TOOLS_MAX};
 
 use crate::backend::{Finish, GenerateRequest, Prompt};
+use crate::corpus::Tenant;
 use crate::error::{AnthropicError, ApiError};
 use crate::openai::{SamplingIn, ToolMode, check_stops, max_tokens, new_id};
 use crate::prompt::{may_be_tool_call, parse_tool_calls};
 use crate::session::{self, Done, Event};
-use crate::{AppState, JsonBody};
+use crate::{ApiKeyId, AppState, JsonBody};
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -276,6 +278,7 @@ fn plan(r: MessagesRequest) -> Result<Plan, ApiError> {
             max_tokens: max,
             sampling,
             top_logprobs: None,
+            tenant: None,
         },
         stops,
         user_stops,
@@ -303,19 +306,24 @@ fn tool_use_blocks(calls: &[crate::prompt::ParsedToolCall]) -> Vec<Value> {
 }
 
 /// `POST /v1/messages`.
-pub async fn messages(State(st): State<Arc<AppState>>, body: Result<JsonBody<MessagesRequest>, ApiError>) -> Response {
+pub async fn messages(
+    State(st): State<Arc<AppState>>,
+    key: Option<Extension<ApiKeyId>>,
+    body: Result<JsonBody<MessagesRequest>, ApiError>,
+) -> Response {
     let r = match body {
         Ok(JsonBody(r)) => r,
         Err(e) => return AnthropicError(e).into_response(),
     };
-    match messages_inner(st, r).await {
+    match messages_inner(st, r, key.map(|k| k.0.0)).await {
         Ok(r) => r,
         Err(e) => AnthropicError(e).into_response(),
     }
 }
 
-async fn messages_inner(st: Arc<AppState>, r: MessagesRequest) -> Result<Response, ApiError> {
-    let p = plan(r)?;
+async fn messages_inner(st: Arc<AppState>, r: MessagesRequest, tenant: Tenant) -> Result<Response, ApiError> {
+    let mut p = plan(r)?;
+    p.req.tenant = tenant;
     let model = p.req.model.clone();
     let mut rx = session::start(&st, p.req.clone(), p.stops.clone())?;
     let id = new_id("msg_");

@@ -59,6 +59,8 @@ pub struct GenerateRequest {
     pub sampling: SamplerConfig,
     /// `Some(n)`: report each token's log-probability and the `n` most likely alternatives.
     pub top_logprobs: Option<usize>,
+    /// Whose earlier answers the drafter may reuse (the API key; see [`crate::corpus`]).
+    pub tenant: crate::corpus::Tenant,
 }
 
 /// Log-probability of a generated token and of its most likely alternatives (natural log, over

@@ -16,6 +16,7 @@ pub mod anthropic;
 pub mod auth;
 pub mod backend;
 pub mod batch;
+pub mod corpus;
 pub mod error;
 pub mod local;
 pub mod metrics;
@@ -141,8 +142,13 @@ async fn observe(State(st): State<Arc<AppState>>, req: Request, next: Next) -> R
     resp
 }
 
+/// The id of the API key a request was authenticated with (a request extension; absent when the
+/// gateway runs without keys).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiKeyId(pub i64);
+
 /// API key check (`Authorization: Bearer sk-…` or `x-api-key: sk-…`) and the key's rate limit.
-async fn authenticate(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+async fn authenticate(State(st): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let anthropic = req.uri().path() == "/v1/messages";
     let fail = |e: ApiError| if anthropic { AnthropicError(e).into_response() } else { e.into_response() };
     let Some(keys) = &st.keys else { return next.run(req).await };
@@ -167,6 +173,7 @@ async fn authenticate(State(st): State<Arc<AppState>>, req: Request, next: Next)
     if let Err(wait_s) = st.limiter.take(record.id, record.rate_per_minute, Instant::now()) {
         return fail(ApiError::RateLimited { retry_after_s: wait_s.ceil().max(1.0) as u64 });
     }
+    req.extensions_mut().insert(ApiKeyId(record.id));
     next.run(req).await
 }
 

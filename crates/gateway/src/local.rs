@@ -25,7 +25,7 @@ use specswarm_engine::tokenizer::{StreamDecoder, Tokenizer};
 use specswarm_spec::drafter::DraftBudget;
 use specswarm_spec::drafter::Drafter;
 use specswarm_spec::drafter::ngram::NgramDrafter;
-use specswarm_spec::drafter::suffix::SuffixDrafter;
+use specswarm_spec::drafter::suffix::{SharedCorpus, SuffixDrafter};
 use specswarm_spec::policy::{Policy, PolicyMode};
 
 use crate::backend::{
@@ -33,6 +33,7 @@ use crate::backend::{
     TokenPiece, WorkerStatus,
 };
 use crate::batch::{BatchStats, Job, Msg, Scheduler};
+use crate::corpus::Corpora;
 use crate::metrics::Throughput;
 use crate::prompt::PromptFormat;
 
@@ -54,10 +55,12 @@ impl DraftKind {
         }
     }
 
-    pub(crate) fn build(self) -> Box<dyn Drafter> {
+    /// A drafter for one request; a suffix drafter also reads and extends `corpus` (the
+    /// earlier answers of the request's API key, [`crate::corpus`]).
+    pub(crate) fn build(self, corpus: SharedCorpus) -> Box<dyn Drafter> {
         match self {
             DraftKind::Ngram => Box::new(NgramDrafter::new(4, 1)),
-            DraftKind::Suffix => Box::new(SuffixDrafter::new(16, 1 << 16)),
+            DraftKind::Suffix => Box::new(SuffixDrafter::with_corpus(16, corpus)),
         }
     }
 }
@@ -71,6 +74,8 @@ pub struct LocalModel {
     /// The batch scheduler of plain generations.
     scheduler: Scheduler,
     drafter: Option<(DraftKind, usize)>,
+    /// Earlier answers per API key, for the suffix drafter.
+    corpora: Corpora,
     active: AtomicUsize,
     throughput: Throughput,
 }
@@ -96,6 +101,7 @@ impl LocalModel {
             format,
             scheduler,
             drafter,
+            corpora: Corpora::default(),
             active: AtomicUsize::new(0),
             throughput: Throughput::default(),
         })
@@ -200,7 +206,7 @@ impl Backend for LocalBackend {
         let mut outcome = GenerateOutcome { prompt_tokens: prompt.len(), ..Default::default() };
         let finish = match (m.drafter, req.top_logprobs) {
             (Some((kind, draft_len)), None) => {
-                let mut drafter = kind.build();
+                let mut drafter = kind.build(m.corpora.get(req.tenant));
                 let mut policy = Policy::new(PolicyMode::Fixed(DraftBudget::chain(draft_len)));
                 let (ids, finish, s) = specswarm_spec::decode::generate_speculative(
                     &m.slice,

@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::extract::{Path, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -23,10 +24,11 @@ use specswarm_proto::limits::{
 use tokio::sync::mpsc;
 
 use crate::backend::{Finish, GenerateRequest, Prompt, TokenLogprob};
+use crate::corpus::Tenant;
 use crate::error::ApiError;
 use crate::prompt::{TOOL_CALL_CLOSE, TOOL_CALL_OPEN, may_be_tool_call, parse_tool_calls};
 use crate::session::{self, Done, Event};
-use crate::{AppState, JsonBody};
+use crate::{ApiKeyId, AppState, JsonBody};
 
 pub(crate) fn now_s() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -508,6 +510,7 @@ fn plan_chat(r: ChatRequest) -> Result<ChatPlan, ApiError> {
             max_tokens: max,
             sampling,
             top_logprobs: logprobs.then_some(top),
+            tenant: None,
         },
         stops: all_stops,
         tools,
@@ -550,15 +553,20 @@ fn tool_calls_json(calls: &[crate::prompt::ParsedToolCall]) -> Vec<Value> {
 }
 
 /// `POST /v1/chat/completions`.
-pub async fn chat_completions(State(st): State<Arc<AppState>>, JsonBody(r): JsonBody<ChatRequest>) -> Response {
-    match chat_inner(st, r).await {
+pub async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    key: Option<Extension<ApiKeyId>>,
+    JsonBody(r): JsonBody<ChatRequest>,
+) -> Response {
+    match chat_inner(st, r, key.map(|k| k.0.0)).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn chat_inner(st: Arc<AppState>, r: ChatRequest) -> Result<Response, ApiError> {
-    let plan = plan_chat(r)?;
+async fn chat_inner(st: Arc<AppState>, r: ChatRequest, tenant: Tenant) -> Result<Response, ApiError> {
+    let mut plan = plan_chat(r)?;
+    plan.req.tenant = tenant;
     let model = plan.req.model.clone();
     let mut rx = session::start(&st, plan.req.clone(), plan.stops.clone())?;
     let id = new_id("chatcmpl-");
@@ -758,8 +766,12 @@ pub struct CompletionRequest {
 }
 
 /// `POST /v1/completions`.
-pub async fn completions(State(st): State<Arc<AppState>>, JsonBody(r): JsonBody<CompletionRequest>) -> Response {
-    match completions_inner(st, r).await {
+pub async fn completions(
+    State(st): State<Arc<AppState>>,
+    key: Option<Extension<ApiKeyId>>,
+    JsonBody(r): JsonBody<CompletionRequest>,
+) -> Response {
+    match completions_inner(st, r, key.map(|k| k.0.0)).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -780,7 +792,7 @@ fn completion_logprobs(lps: &[TokenLogprob], offset0: usize) -> Value {
     })
 }
 
-async fn completions_inner(st: Arc<AppState>, r: CompletionRequest) -> Result<Response, ApiError> {
+async fn completions_inner(st: Arc<AppState>, r: CompletionRequest, tenant: Tenant) -> Result<Response, ApiError> {
     if r.n.is_some_and(|n| n != 1) || r.best_of.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid("only n = 1 and best_of = 1 are supported", Some("n")));
     }
@@ -822,6 +834,7 @@ async fn completions_inner(st: Arc<AppState>, r: CompletionRequest) -> Result<Re
         max_tokens: max_tokens(r.max_tokens, 16, "max_tokens")?,
         sampling,
         top_logprobs: top,
+        tenant,
     };
     let mut rx = session::start(&st, req, stops)?;
     let (id, created, model) = (new_id("cmpl-"), now_s(), r.model);

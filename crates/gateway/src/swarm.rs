@@ -19,6 +19,7 @@ use crate::backend::{
     Backend, BackendError, CancelToken, Finish, GenerateOutcome, GenerateRequest, ModelInfo, SwarmStatus, TokenPiece,
     WorkerStatus,
 };
+use crate::corpus::Corpora;
 use crate::local::DraftKind;
 use crate::metrics::Throughput;
 use crate::prompt::PromptFormat;
@@ -42,6 +43,8 @@ pub struct SwarmModel {
     context_len: usize,
     factory: Box<dyn RingFactory>,
     drafter: Option<(DraftKind, usize)>,
+    /// Earlier answers per API key, for the suffix drafter.
+    corpora: Corpora,
     pipeline_depth: usize,
     active: AtomicUsize,
     throughput: Throughput,
@@ -65,6 +68,7 @@ impl SwarmModel {
             context_len: cfg.context_len,
             factory,
             drafter,
+            corpora: Corpora::default(),
             pipeline_depth: pipeline_depth.max(1),
             active: AtomicUsize::new(0),
             throughput: Throughput::default(),
@@ -139,7 +143,7 @@ impl Backend for SwarmBackend {
             });
         }
         let (mut drafter, budget): (Box<dyn Drafter>, DraftBudget) = match m.drafter {
-            Some((kind, len)) => (kind.build(), DraftBudget::chain(len.max(1))),
+            Some((kind, len)) => (kind.build(m.corpora.get(req.tenant)), DraftBudget::chain(len.max(1))),
             None => (Box::new(NoDraft), DraftBudget::chain(1)),
         };
         let depth = if m.drafter.is_some() { m.pipeline_depth } else { 1 };

@@ -522,3 +522,54 @@ async fn several_models_each_with_its_own_template() {
         assert_eq!(v["usage"]["prompt_tokens"], expected.1, "{id}");
     }
 }
+
+/// The suffix drafter learns from a key's earlier answers: the same request again drafts its
+/// answer from the corpus (many more accepted tokens) with the same text; another key starts
+/// from nothing (corpora are per key: acceptance speed must not reveal another key's answers).
+#[tokio::test]
+async fn suffix_drafts_reuse_the_same_keys_earlier_answers_only() {
+    let db = temp_db("corpus");
+    let store = KeyStore::open(&db).unwrap();
+    let (alice, _) = store.create("alice", 100).unwrap();
+    let (bob, _) = store.create("bob", 100).unwrap();
+    let spec = Arc::new(LocalBackend::new(vec![
+        LocalModel::load(MODEL, &model_path(), 2, Some((DraftKind::Suffix, 8))).unwrap(),
+    ]));
+    let st = AppState::new(spec, Some(store), GatewayConfig::default());
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content":
+        "Write a JSON object describing a cat with the fields name, age and color."}],
+        "max_tokens": 48, "temperature": 0})
+    .to_string();
+    let ask = |key: &str| {
+        Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {key}"))
+            .body(Body::from(body.clone()))
+            .unwrap()
+    };
+    let (s, first) = send_json(&st, ask(&alice)).await;
+    assert_eq!(s, StatusCode::OK, "{first}");
+    let (_, again) = send_json(&st, ask(&alice)).await;
+    let (_, other) = send_json(&st, ask(&bob)).await;
+    let text = |v: &Value| v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert_eq!(text(&first), text(&again));
+    assert_eq!(text(&first), text(&other));
+    let accepted = |v: &Value| v["specswarm"]["accepted_tokens"].as_u64().unwrap();
+    let tokens = first["usage"]["completion_tokens"].as_u64().unwrap();
+    eprintln!(
+        "accepted draft tokens of {tokens}: first {}, again {}, another key {}; tokens/s {} then {}",
+        accepted(&first),
+        accepted(&again),
+        accepted(&other),
+        first["specswarm"]["tokens_per_s"],
+        again["specswarm"]["tokens_per_s"]
+    );
+    assert!(tokens >= 16, "a long enough answer to learn from: {first}");
+    assert!(
+        accepted(&again) >= accepted(&first) + tokens / 2,
+        "the second request drafts from the first answer: accepted {} then {} of {tokens}",
+        accepted(&first),
+        accepted(&again)
+    );
+    assert_eq!(accepted(&other), accepted(&first), "another key's drafter knows nothing of alice's answers");
+}

@@ -133,3 +133,10 @@ pub const RELAY_CIRCUIT_SECS_MAX: u64 = 3600;
 pub const CONNECTIONS_MAX: u32 = 1024;
 pub const CONNECTIONS_PER_PEER_MAX: u32 = 8;
 pub const CONNECTIONS_PENDING_MAX: u32 = 128;
+/// Past outputs a gateway keeps for suffix drafting, per model and API key, tokens (whole
+/// answers dropped oldest first; ~7 index entries per token).
+pub const GATEWAY_SUFFIX_CORPUS_TOKENS_MAX: usize = 16_384;
+/// Suffix corpora a gateway keeps per model (one per API key; least recently used dropped).
+pub const GATEWAY_SUFFIX_CORPORA_MAX: usize = 8;
+/// Longest context tail a gateway's suffix corpus indexes, tokens.
+pub const GATEWAY_SUFFIX_CORPUS_MATCH_TOKENS_MAX: usize = 8;
