@@ -4,31 +4,19 @@
 //! cancelled mid-way leaves the others untouched, and (`--ignored`) the aggregate throughput
 //! of eight concurrent requests.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use specswarm_engine::hub;
-use specswarm_gateway::local::{LocalBackend, LocalModel};
 use specswarm_gateway::{AppState, GatewayConfig, app};
 use tower::ServiceExt;
 
-const MODEL: &str = "smollm2-135m";
-
-fn model_path() -> std::path::PathBuf {
-    hub::ensure(hub::known(MODEL).unwrap(), &mut |m| eprintln!("{m}")).unwrap()
-}
-
-/// One loaded model shared by every test in this file.
-fn backend() -> Arc<LocalBackend> {
-    static B: OnceLock<Arc<LocalBackend>> = OnceLock::new();
-    B.get_or_init(|| Arc::new(LocalBackend::new(vec![LocalModel::load(MODEL, &model_path(), 2, None).unwrap()])))
-        .clone()
-}
+mod common;
+use common::{MODEL, backend, model_path};
 
 fn state(parallel: usize) -> Arc<AppState> {
     AppState::new(backend(), None, GatewayConfig { parallel, ..Default::default() })

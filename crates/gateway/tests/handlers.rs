@@ -3,7 +3,7 @@
 //! limits and overload; streaming formats; cancellation on disconnect; 100 concurrent streams;
 //! sessions always return to zero.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -19,18 +19,8 @@ use specswarm_gateway::local::{DraftKind, LocalBackend, LocalModel};
 use specswarm_gateway::{AppState, GatewayConfig, app};
 use tower::ServiceExt;
 
-const MODEL: &str = "smollm2-135m";
-
-fn model_path() -> std::path::PathBuf {
-    hub::ensure(hub::known(MODEL).unwrap(), &mut |m| eprintln!("{m}")).unwrap()
-}
-
-/// One loaded model shared by every test in this file (loading is the slow part).
-fn backend() -> Arc<LocalBackend> {
-    static B: OnceLock<Arc<LocalBackend>> = OnceLock::new();
-    B.get_or_init(|| Arc::new(LocalBackend::new(vec![LocalModel::load(MODEL, &model_path(), 2, None).unwrap()])))
-        .clone()
-}
+mod common;
+use common::{MODEL, backend, model_path};
 
 fn state(config: GatewayConfig) -> Arc<AppState> {
     AppState::new(backend(), None, config)

@@ -15,6 +15,7 @@ use specswarm_engine::generate::generate;
 use specswarm_engine::model::{Batch, LoadOptions, ModelSlice, StepInput, Want};
 use specswarm_engine::sampling::{Sampler, SamplerConfig};
 use specswarm_engine::tokenizer::Tokenizer;
+use specswarm_spec::drafter::lens::{CALIBRATION_FORMS, CALIBRATION_TOPICS};
 
 fn main() {
     let a: Vec<String> = std::env::args().collect();
@@ -76,28 +77,10 @@ fn main() {
 
 include!("../../../fixtures/prompts/suites.rs");
 
+/// `n` prompts: the lens calibration topics and forms plus more of each (a different set from
+/// the lens's own 60).
 fn prompts(n: usize) -> Vec<String> {
-    const TOPICS: &[&str] = &[
-        "volcanoes",
-        "the printing press",
-        "how vaccines work",
-        "black holes",
-        "the Roman empire",
-        "machine learning",
-        "coffee brewing",
-        "the water cycle",
-        "chess openings",
-        "the stock market",
-        "healthy sleep habits",
-        "honey bees",
-        "learning a new language",
-        "bread baking",
-        "ocean tides",
-        "public libraries",
-        "marathon training",
-        "recycling",
-        "jazz music",
-        "sorting algorithms",
+    const MORE_TOPICS: &[&str] = &[
         "the moon landing",
         "climate change",
         "gardening",
@@ -119,17 +102,13 @@ fn prompts(n: usize) -> Vec<String> {
         "cloud computing",
         "origami",
     ];
-    const FORMS: &[&str] = &[
-        "Tell me about {}.",
-        "Write a short paragraph about {}.",
-        "What are three interesting facts about {}?",
-        "Explain {} in simple terms.",
-        "What should a beginner know about {}?",
-        "Write a Python function related to {} and explain it.",
+    const MORE_FORMS: &[&str] = &[
         "Give me a list of five tips about {}.",
         "Write a JSON object describing {} with a name, a summary and three keywords.",
         "What are the pros and cons of {}?",
         "Summarize the history of {} in a few sentences.",
     ];
-    (0..n).map(|i| FORMS[(i * 7 + i / TOPICS.len()) % FORMS.len()].replace("{}", TOPICS[i % TOPICS.len()])).collect()
+    let topics: Vec<&str> = CALIBRATION_TOPICS.iter().chain(MORE_TOPICS).copied().collect();
+    let forms: Vec<&str> = CALIBRATION_FORMS.iter().chain(MORE_FORMS).copied().collect();
+    (0..n).map(|i| forms[(i * 7 + i / topics.len()) % forms.len()].replace("{}", topics[i % topics.len()])).collect()
 }

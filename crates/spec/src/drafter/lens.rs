@@ -161,40 +161,45 @@ fn cholesky(a: &[f64], n: usize) -> Result<Vec<f64>, SpecError> {
     Ok(l)
 }
 
-/// The calibration prompts: generic requests, none of them from the benchmark suites.
+/// Topics of the calibration prompts (generic; none from the benchmark suites).
+pub const CALIBRATION_TOPICS: &[&str] = &[
+    "volcanoes",
+    "the printing press",
+    "how vaccines work",
+    "black holes",
+    "the Roman empire",
+    "machine learning",
+    "coffee brewing",
+    "the water cycle",
+    "chess openings",
+    "the stock market",
+    "healthy sleep habits",
+    "honey bees",
+    "learning a new language",
+    "bread baking",
+    "ocean tides",
+    "public libraries",
+    "marathon training",
+    "recycling",
+    "jazz music",
+    "sorting algorithms",
+];
+
+/// Request forms of the calibration prompts (`{}` is the topic).
+pub const CALIBRATION_FORMS: &[&str] = &[
+    "Tell me about {}.",
+    "Write a short paragraph about {}.",
+    "What are three interesting facts about {}?",
+    "Explain {} in simple terms.",
+    "What should a beginner know about {}?",
+    "Write a Python function related to {} and explain it.",
+];
+
+/// The calibration prompts: every topic in three forms.
 fn calibration_prompts() -> Vec<String> {
-    const TOPICS: &[&str] = &[
-        "volcanoes",
-        "the printing press",
-        "how vaccines work",
-        "black holes",
-        "the Roman empire",
-        "machine learning",
-        "coffee brewing",
-        "the water cycle",
-        "chess openings",
-        "the stock market",
-        "healthy sleep habits",
-        "honey bees",
-        "learning a new language",
-        "bread baking",
-        "ocean tides",
-        "public libraries",
-        "marathon training",
-        "recycling",
-        "jazz music",
-        "sorting algorithms",
-    ];
-    const FORMS: &[&str] = &[
-        "Tell me about {}.",
-        "Write a short paragraph about {}.",
-        "What are three interesting facts about {}?",
-        "Explain {} in simple terms.",
-        "What should a beginner know about {}?",
-        "Write a Python function related to {} and explain it.",
-    ];
-    (0..TOPICS.len() * 3)
-        .map(|i| FORMS[(i * 5 + i / TOPICS.len()) % FORMS.len()].replace("{}", TOPICS[i % TOPICS.len()]))
+    let (topics, forms) = (CALIBRATION_TOPICS, CALIBRATION_FORMS);
+    (0..topics.len() * 3)
+        .map(|i| forms[(i * 5 + i / topics.len()) % forms.len()].replace("{}", topics[i % topics.len()]))
         .collect()
 }
 
