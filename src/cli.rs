@@ -133,7 +133,9 @@ pub struct GatewayArgs {
     /// Largest request body in bytes (413 beyond).
     #[arg(long, default_value_t = specswarm_proto::limits::GATEWAY_REQUEST_BODY_BYTES_MAX)]
     pub body_bytes_max: usize,
-    /// Speculative decoding with a model-free drafter: ngram or suffix (lossless).
+    /// Speculative decoding (lossless) with this drafter: ngram, suffix (also reads the same API
+    /// key's earlier answers), self:K, lens:K, skip:LAYERS, model:PATH_OR_NAME or FIRST/SECOND
+    /// (e.g. suffix/lens:27). A model drafter is loaded once per model and shared by requests.
     #[arg(long)]
     pub draft: Option<String>,
     /// Draft length per round.

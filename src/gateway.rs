@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use specswarm_gateway::auth::KeyStore;
-use specswarm_gateway::local::{DraftKind, LocalBackend, LocalModel};
+use specswarm_gateway::local::{LocalBackend, LocalModel};
 use specswarm_gateway::swarm::{SwarmBackend, SwarmModel};
 use specswarm_gateway::{AppState, GatewayConfig};
 
@@ -20,7 +20,13 @@ fn model_id(spec: &str) -> String {
 
 pub fn run(args: &GatewayArgs) -> Result<()> {
     let specs = if args.model.is_empty() { vec!["smollm2-135m".to_string()] } else { args.model.clone() };
-    let draft = args.draft.as_deref().map(DraftKind::parse).transpose().map_err(anyhow::Error::msg)?;
+    // The drafter is loaded per model (lens:K and skip:… are cut from that model).
+    let draft = |path: &std::path::Path| -> Result<_> {
+        args.draft
+            .as_deref()
+            .map(|d| Ok((crate::speculate::recipe(d, path, args.threads)?, args.draft_len.max(1))))
+            .transpose()
+    };
     if args.swarm {
         // The swarm backend: this process holds tokenizers and chat templates; workers found in
         // the libp2p DHT hold the weights.
@@ -33,14 +39,8 @@ pub fn run(args: &GatewayArgs) -> Result<()> {
             let n_layers = specswarm_engine::config::ModelConfig::from_gguf(&file)?.n_layers as u32;
             let factory =
                 crate::p2p::P2pRingFactory::start(node.clone(), specswarm_net::model_id(&path)?, &id, n_layers);
-            let m = SwarmModel::new(
-                &id,
-                &path,
-                Box::new(factory),
-                draft.map(|d| (d, args.draft_len.max(1))),
-                args.pipeline,
-            )
-            .map_err(anyhow::Error::msg)?;
+            let m = SwarmModel::new(&id, &path, Box::new(factory), draft(&path)?, args.pipeline)
+                .map_err(anyhow::Error::msg)?;
             eprintln!("gateway: serving {id} from the swarm (peer {})", node.peer_id);
             models.push(m);
         }
@@ -53,8 +53,7 @@ pub fn run(args: &GatewayArgs) -> Result<()> {
         if models.iter().any(|m: &LocalModel| m.id == id) {
             bail!("model {id:?} given twice");
         }
-        let m = LocalModel::load(&id, &path, args.threads, draft.map(|d| (d, args.draft_len.max(1))))
-            .map_err(anyhow::Error::msg)?;
+        let m = LocalModel::load(&id, &path, args.threads, draft(&path)?).map_err(anyhow::Error::msg)?;
         eprintln!("gateway: serving {id} from {}", path.display());
         models.push(m);
     }

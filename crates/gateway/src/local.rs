@@ -23,9 +23,7 @@ use specswarm_engine::model::{LoadOptions, ModelSlice};
 use specswarm_engine::sampling::Sampler;
 use specswarm_engine::tokenizer::{StreamDecoder, Tokenizer};
 use specswarm_spec::drafter::DraftBudget;
-use specswarm_spec::drafter::Drafter;
-use specswarm_spec::drafter::ngram::NgramDrafter;
-use specswarm_spec::drafter::suffix::{SharedCorpus, SuffixDrafter};
+use specswarm_spec::drafter::recipe::Recipe;
 use specswarm_spec::policy::{Policy, PolicyMode};
 
 use crate::backend::{
@@ -37,34 +35,6 @@ use crate::corpus::Corpora;
 use crate::metrics::Throughput;
 use crate::prompt::PromptFormat;
 
-/// A model-free drafter, built fresh for each request (they cost nothing to create).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DraftKind {
-    /// Prompt lookup over the session (`ngram`).
-    Ngram,
-    /// Suffix matching over the session (`suffix`).
-    Suffix,
-}
-
-impl DraftKind {
-    pub fn parse(s: &str) -> Result<DraftKind, String> {
-        match s {
-            "ngram" => Ok(DraftKind::Ngram),
-            "suffix" => Ok(DraftKind::Suffix),
-            _ => Err(format!("the gateway supports the model-free drafters ngram and suffix, not {s:?}")),
-        }
-    }
-
-    /// A drafter for one request; a suffix drafter also reads and extends `corpus` (the
-    /// earlier answers of the request's API key, [`crate::corpus`]).
-    pub(crate) fn build(self, corpus: SharedCorpus) -> Box<dyn Drafter> {
-        match self {
-            DraftKind::Ngram => Box::new(NgramDrafter::new(4, 1)),
-            DraftKind::Suffix => Box::new(SuffixDrafter::with_corpus(16, corpus)),
-        }
-    }
-}
-
 /// One served model.
 pub struct LocalModel {
     pub id: String,
@@ -73,7 +43,8 @@ pub struct LocalModel {
     format: PromptFormat,
     /// The batch scheduler of plain generations.
     scheduler: Scheduler,
-    drafter: Option<(DraftKind, usize)>,
+    /// The drafter (loaded once; one instance per request) and its draft length.
+    drafter: Option<(Recipe, usize)>,
     /// Earlier answers per API key, for the suffix drafter.
     corpora: Corpora,
     active: AtomicUsize,
@@ -83,12 +54,7 @@ pub struct LocalModel {
 impl LocalModel {
     /// Load `path` as model `id` with `threads` compute threads (0: one per core) and an optional
     /// drafter with draft length `draft_len`.
-    pub fn load(
-        id: &str,
-        path: &Path,
-        threads: usize,
-        drafter: Option<(DraftKind, usize)>,
-    ) -> Result<LocalModel, String> {
+    pub fn load(id: &str, path: &Path, threads: usize, drafter: Option<(Recipe, usize)>) -> Result<LocalModel, String> {
         let slice = ModelSlice::load(path, &LoadOptions { layers: None, threads, ..Default::default() })
             .map_err(|e| format!("loading {}: {e}", path.display()))?;
         let format = PromptFormat::from_gguf(path)?;
@@ -204,10 +170,10 @@ impl Backend for LocalBackend {
             !cancel.is_cancelled() && on_token(TokenPiece { prompt_tokens: prompt.len(), id, text, logprob })
         };
         let mut outcome = GenerateOutcome { prompt_tokens: prompt.len(), ..Default::default() };
-        let finish = match (m.drafter, req.top_logprobs) {
-            (Some((kind, draft_len)), None) => {
-                let mut drafter = kind.build(m.corpora.get(req.tenant));
-                let mut policy = Policy::new(PolicyMode::Fixed(DraftBudget::chain(draft_len)));
+        let finish = match (&m.drafter, req.top_logprobs) {
+            (Some((recipe, draft_len)), None) => {
+                let mut drafter = recipe.instantiate(Some(&m.corpora.get(req.tenant)));
+                let mut policy = Policy::new(PolicyMode::Fixed(DraftBudget::chain(*draft_len)));
                 let (ids, finish, s) = specswarm_spec::decode::generate_speculative(
                     &m.slice,
                     drafter.as_mut(),

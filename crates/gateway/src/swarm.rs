@@ -20,9 +20,9 @@ use crate::backend::{
     WorkerStatus,
 };
 use crate::corpus::Corpora;
-use crate::local::DraftKind;
 use crate::metrics::Throughput;
 use crate::prompt::PromptFormat;
+use specswarm_spec::drafter::recipe::Recipe;
 
 /// Finds workers for one model and builds rings through them.
 pub trait RingFactory: Send + Sync {
@@ -42,7 +42,8 @@ pub struct SwarmModel {
     n_layers: usize,
     context_len: usize,
     factory: Box<dyn RingFactory>,
-    drafter: Option<(DraftKind, usize)>,
+    /// The drafter (loaded once; one instance per request) and its draft length.
+    drafter: Option<(Recipe, usize)>,
     /// Earlier answers per API key, for the suffix drafter.
     corpora: Corpora,
     pipeline_depth: usize,
@@ -55,7 +56,7 @@ impl SwarmModel {
         id: &str,
         path: &std::path::Path,
         factory: Box<dyn RingFactory>,
-        drafter: Option<(DraftKind, usize)>,
+        drafter: Option<(Recipe, usize)>,
         pipeline_depth: usize,
     ) -> Result<SwarmModel, String> {
         let format = PromptFormat::from_gguf(path)?;
@@ -142,8 +143,8 @@ impl Backend for SwarmBackend {
                 context: m.context_len,
             });
         }
-        let (mut drafter, budget): (Box<dyn Drafter>, DraftBudget) = match m.drafter {
-            Some((kind, len)) => (kind.build(m.corpora.get(req.tenant)), DraftBudget::chain(len.max(1))),
+        let (mut drafter, budget): (Box<dyn Drafter>, DraftBudget) = match &m.drafter {
+            Some((recipe, len)) => (recipe.instantiate(Some(&m.corpora.get(req.tenant))), DraftBudget::chain(*len)),
             None => (Box::new(NoDraft), DraftBudget::chain(1)),
         };
         let depth = if m.drafter.is_some() { m.pipeline_depth } else { 1 };

@@ -15,8 +15,9 @@ use specswarm_gateway::auth::KeyStore;
 use specswarm_gateway::backend::{
     Backend, BackendError, CancelToken, GenerateOutcome, GenerateRequest, ModelInfo, SwarmStatus, TokenPiece,
 };
-use specswarm_gateway::local::{DraftKind, LocalBackend, LocalModel};
+use specswarm_gateway::local::{LocalBackend, LocalModel};
 use specswarm_gateway::{AppState, GatewayConfig, app};
+use specswarm_spec::drafter::recipe::Recipe;
 use tower::ServiceExt;
 
 mod common;
@@ -445,9 +446,8 @@ async fn dashboard_state_and_metrics() {
 /// reported.
 #[tokio::test]
 async fn speculative_backend_gives_the_same_text() {
-    let spec = Arc::new(LocalBackend::new(vec![
-        LocalModel::load(MODEL, &model_path(), 2, Some((DraftKind::Ngram, 4))).unwrap(),
-    ]));
+    let spec =
+        Arc::new(LocalBackend::new(vec![LocalModel::load(MODEL, &model_path(), 2, Some((Recipe::Ngram, 4))).unwrap()]));
     let st_spec = AppState::new(spec, None, GatewayConfig::default());
     let st = state(GatewayConfig::default());
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Repeat exactly: one two three one two three one two three"}],
@@ -523,7 +523,7 @@ async fn suffix_drafts_reuse_the_same_keys_earlier_answers_only() {
     let (alice, _) = store.create("alice", 100).unwrap();
     let (bob, _) = store.create("bob", 100).unwrap();
     let spec = Arc::new(LocalBackend::new(vec![
-        LocalModel::load(MODEL, &model_path(), 2, Some((DraftKind::Suffix, 8))).unwrap(),
+        LocalModel::load(MODEL, &model_path(), 2, Some((Recipe::Suffix, 8))).unwrap(),
     ]));
     let st = AppState::new(spec, Some(store), GatewayConfig::default());
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content":
@@ -562,4 +562,35 @@ async fn suffix_drafts_reuse_the_same_keys_earlier_answers_only() {
         accepted(&again)
     );
     assert_eq!(accepted(&other), accepted(&first), "another key's drafter knows nothing of alice's answers");
+}
+
+/// A model drafter behind the gateway (`--draft suffix/skip:15`: suffix matches where the
+/// context has them, else the target without layer 15): loaded once, one instance per request,
+/// several requests at once — every answer is the plain greedy answer, and drafts were accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_model_drafter_serves_concurrent_requests_losslessly() {
+    let recipe =
+        Recipe::load("suffix/skip:15", &model_path(), 1, &mut |m| panic!("no model to resolve: {m}"), &mut |_| {})
+            .unwrap();
+    assert!(recipe.runs_a_model());
+    let spec = Arc::new(LocalBackend::new(vec![LocalModel::load(MODEL, &model_path(), 2, Some((recipe, 4))).unwrap()]));
+    let st_spec = AppState::new(spec, None, GatewayConfig::default());
+    let st = state(GatewayConfig::default());
+    let questions = ["Explain photosynthesis briefly.", "List three colors.", "What is 2 + 2?"];
+    let body = |q: &str| {
+        json!({"model": MODEL, "messages": [{"role": "user", "content": q}], "max_tokens": 24, "temperature": 0})
+            .to_string()
+    };
+    let mut tasks = Vec::new();
+    for q in questions {
+        let (st_spec, b) = (st_spec.clone(), body(q));
+        tasks.push(tokio::spawn(async move { send_json(&st_spec, post("/v1/chat/completions", b)).await }));
+    }
+    for (q, t) in questions.iter().zip(tasks) {
+        let (s, fast) = t.await.unwrap();
+        assert_eq!(s, StatusCode::OK, "{fast}");
+        let (_, plain) = send_json(&st, post("/v1/chat/completions", body(q))).await;
+        assert_eq!(plain["choices"][0]["message"]["content"], fast["choices"][0]["message"]["content"], "{q}");
+        assert!(fast["specswarm"]["accepted_tokens"].as_u64().unwrap() > 0, "{fast}");
+    }
 }

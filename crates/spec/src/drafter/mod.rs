@@ -3,6 +3,7 @@
 pub mod lens;
 pub mod model;
 pub mod ngram;
+pub mod recipe;
 pub mod suffix;
 
 use crate::SpecError;

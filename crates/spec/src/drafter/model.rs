@@ -2,6 +2,7 @@
 //! with its final norm and LM head (`self:K`).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use specswarm_engine::kv::KvCache;
 use specswarm_engine::model::{Batch, LoadOptions, ModelSlice, StepInput, Want};
@@ -11,10 +12,12 @@ use super::{DraftBudget, Drafter};
 use crate::SpecError;
 use crate::tree::DraftTree;
 
-/// A draft model with its own KV cache, kept in step with the sequences it is shown.
+/// A draft model with its own KV cache, kept in step with the sequences it is shown. The
+/// weights (and a lens) are shared: [`ModelDrafter::share`] makes another drafter over them with
+/// a cache of its own, one per request.
 pub struct ModelDrafter {
     name: String,
-    model: ModelSlice,
+    model: Arc<ModelSlice>,
     kv: KvCache,
     /// Tokens whose keys and values `kv` holds.
     cached: Vec<u32>,
@@ -22,7 +25,7 @@ pub struct ModelDrafter {
     min_path_prob: f32,
     /// For `lens:K`: the map from the last layer's residual to the final residual, applied
     /// before the final norm and LM head.
-    lens: Option<Lens>,
+    lens: Option<Arc<Lens>>,
 }
 
 impl ModelDrafter {
@@ -80,13 +83,27 @@ impl ModelDrafter {
             )));
         }
         drafter.name = format!("lens:{}", lens.k);
-        drafter.lens = Some(lens);
+        drafter.lens = Some(Arc::new(lens));
         Ok(drafter)
     }
 
     fn new(name: String, model: ModelSlice) -> ModelDrafter {
         let kv = model.new_cache(model.config().context_len);
-        ModelDrafter { name, model, kv, cached: Vec::new(), min_path_prob: 0.05, lens: None }
+        ModelDrafter { name, model: Arc::new(model), kv, cached: Vec::new(), min_path_prob: 0.05, lens: None }
+    }
+
+    /// Another drafter over the same weights (and lens), with an empty cache of its own: what
+    /// a server hands each concurrent request. The forwards of several drafters may run at once
+    /// (they queue on the model's thread pool).
+    pub fn share(&self) -> ModelDrafter {
+        ModelDrafter {
+            name: self.name.clone(),
+            model: Arc::clone(&self.model),
+            kv: self.model.new_cache(self.model.config().context_len),
+            cached: Vec::new(),
+            min_path_prob: self.min_path_prob,
+            lens: self.lens.clone(),
+        }
     }
 
     /// Run `tokens` at the next positions and return the logits after the last one.
