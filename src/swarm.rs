@@ -82,6 +82,16 @@ impl Drop for Workers {
 /// Start `specswarm ARGS --exit-on-stdin-eof`; the second word of its first stdout line (the
 /// address it listens on).
 fn spawn_listening(exe: &std::path::Path, args: &[String]) -> Result<(Child, String)> {
+    spawn_reading(exe, args, &|line| line.split_whitespace().nth(1).map(str::to_string))
+}
+
+/// Start `specswarm ARGS --exit-on-stdin-eof` and read its stdout until `find` picks something
+/// out of a line (the address it listens on).
+fn spawn_reading(
+    exe: &std::path::Path,
+    args: &[String],
+    find: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Child, String)> {
     let mut child = Command::new(exe)
         .args(args)
         .arg("--exit-on-stdin-eof")
@@ -90,11 +100,20 @@ fn spawn_listening(exe: &std::path::Path, args: &[String]) -> Result<(Child, Str
         .stderr(Stdio::null())
         .spawn()
         .context("starting a process")?;
-    let stdout = child.stdout.take().expect("piped");
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let addr = line.split_whitespace().nth(1).with_context(|| format!("{args:?} said {line:?}"))?.to_string();
-    Ok((child, addr))
+    loop {
+        line.clear();
+        if stdout.read_line(&mut line)? == 0 {
+            let _ = child.kill();
+            bail!("{args:?} exited before saying where it listens");
+        }
+        if let Some(found) = find(&line) {
+            // Keep its stdout drained (a full pipe would block it).
+            std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+            return Ok((child, found));
+        }
+    }
 }
 
 /// The demo on libp2p: a bootstrap node, `n_workers` worker processes that publish themselves in
@@ -193,10 +212,115 @@ pub fn demo(max_tokens: usize, n_workers: usize, tcp: bool) -> Result<()> {
             bail!("the swarm's output differs from single-process output");
         }
     }
+    drop(ring);
+    demo_gateway(&exe, &bs, name, max_tokens, &mut workers)?;
     drop(workers);
     let _ = std::fs::remove_dir_all(&ids_dir);
-    println!("\nworkers stopped.");
+    println!("\nworkers and gateway stopped.");
     Ok(())
+}
+
+/// The demo's second half: `specswarm gateway --swarm` in front of the same workers, asked over
+/// its OpenAI-compatible HTTP API like any client would, with lossless suffix speculation whose
+/// corpus of earlier answers (per API key) makes a repeated request draft its answer.
+fn demo_gateway(exe: &std::path::Path, bs: &str, model: &str, max_tokens: usize, procs: &mut Workers) -> Result<()> {
+    let args: Vec<String> = ["gateway", "--swarm", "--bootstrap", bs, "--model", model, "--no-auth"]
+        .into_iter()
+        .chain(["--listen", "127.0.0.1:0", "--draft", "suffix", "--draft-len", "8"])
+        .map(String::from)
+        .collect();
+    let (child, url) = spawn_reading(exe, &args, &|line| {
+        line.split_whitespace().find(|w| w.starts_with("http://")).map(|w| w["http://".len()..].to_string())
+    })?;
+    println!(
+        "\n== gateway (pid {}): http://{url} — OpenAI /v1/chat/completions, Anthropic /v1/messages, chat at /, dashboard at /swarm",
+        child.id()
+    );
+    procs.0.push(child);
+    // The gateway finds the workers in the DHT on its own.
+    let t = Instant::now();
+    loop {
+        let (status, body) = http(&url, "GET", "/v1/models", None)?;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if status == 200 && v["data"][0]["available"] == true {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("the gateway did not find the swarm's workers within 60 s: {body}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("gateway found a complete ring in the DHT after {:.1}s", t.elapsed().as_secs_f64());
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": DEMO_AGENT_PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    })
+    .to_string();
+    println!("\n> POST /v1/chat/completions (twice, greedy): {DEMO_AGENT_PROMPT:?}");
+    let mut first_text = None;
+    for attempt in ["first", "again"] {
+        let (status, resp) = http(&url, "POST", "/v1/chat/completions", Some(&body))?;
+        let v: serde_json::Value = serde_json::from_str(&resp).with_context(|| format!("gateway said {resp}"))?;
+        if status != 200 {
+            bail!("the gateway answered {status}: {resp}");
+        }
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap_or("").to_string();
+        match &first_text {
+            None => println!("{}", text.trim()),
+            Some(t) if *t != text => bail!("the repeated greedy request answered differently"),
+            Some(_) => {}
+        }
+        first_text.get_or_insert(text);
+        let st = &v["specswarm"];
+        println!(
+            "[{attempt}: {} tokens at {:.1} tok/s | suffix drafts accepted: {} of {} drafted]",
+            v["usage"]["completion_tokens"],
+            st["tokens_per_s"].as_f64().unwrap_or(0.0),
+            st["accepted_tokens"],
+            st["drafted_tokens"]
+        );
+    }
+    println!("(the second request drafted from the first answer; speculation is lossless: the same text, checked)");
+    Ok(())
+}
+
+/// A question whose answer repeats structure (what agents send).
+const DEMO_AGENT_PROMPT: &str =
+    "Write a JSON array with three objects, each with the fields name, city and age, for three friends.";
+
+/// One HTTP/1.1 exchange with `addr` (`ip:port`); the status and the body.
+fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(300)))?;
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, rest) = text.split_once("\r\n\r\n").with_context(|| format!("not an HTTP response: {text:?}"))?;
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
+    let chunked = head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
+    Ok((status, if chunked { dechunk(rest) } else { rest.to_string() }))
+}
+
+/// The payload of a chunked HTTP body.
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 const DEMO_PROMPTS: [&str; 3] = [
