@@ -40,7 +40,8 @@ pub fn run(args: &GatewayArgs) -> Result<()> {
                 draft.map(|d| (d, args.draft_len.max(1))),
                 args.pipeline,
             )
-            .map_err(anyhow::Error::msg)?;
+            .map_err(anyhow::Error::msg)?
+            .with_tree_budget(args.tree_budget.unwrap_or(0));
             eprintln!("gateway: serving {id} from the swarm (peer {})", node.peer_id);
             models.push(m);
         }

@@ -42,6 +42,8 @@ pub struct SwarmModel {
     context_len: usize,
     factory: Box<dyn RingFactory>,
     drafter: Option<(DraftKind, usize)>,
+    /// Tree node budget B per round (at most the draft length: chains).
+    tree_budget: usize,
     pipeline_depth: usize,
     active: AtomicUsize,
     throughput: Throughput,
@@ -65,10 +67,18 @@ impl SwarmModel {
             context_len: cfg.context_len,
             factory,
             drafter,
+            tree_budget: 0,
             pipeline_depth: pipeline_depth.max(1),
             active: AtomicUsize::new(0),
             throughput: Throughput::default(),
         })
+    }
+
+    /// Draft trees of `nodes` nodes per round (branching up to 3) instead of chains, when `nodes`
+    /// exceeds the draft length; pipelined like chains.
+    pub fn with_tree_budget(mut self, nodes: usize) -> SwarmModel {
+        self.tree_budget = nodes;
+        self
     }
 }
 
@@ -139,6 +149,9 @@ impl Backend for SwarmBackend {
             });
         }
         let (mut drafter, budget): (Box<dyn Drafter>, DraftBudget) = match m.drafter {
+            Some((kind, len)) if m.tree_budget > len.max(1) => {
+                (kind.build(), DraftBudget { max_nodes: m.tree_budget, max_depth: len.max(1), max_branch: 3 })
+            }
             Some((kind, len)) => (kind.build(), DraftBudget::chain(len.max(1))),
             None => (Box::new(NoDraft), DraftBudget::chain(1)),
         };
