@@ -672,3 +672,80 @@ fn spine(tree: &DraftTree) -> Vec<usize> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Proposes a fixed tree (whatever the budget) and records the budget it was asked for.
+    struct Fixed(DraftTree, Option<DraftBudget>);
+
+    impl Drafter for Fixed {
+        fn name(&self) -> String {
+            "fixed".into()
+        }
+        fn propose(&mut self, _: &[u32], budget: &DraftBudget) -> Result<DraftTree, specswarm_spec::SpecError> {
+            self.1 = Some(*budget);
+            Ok(self.0.clone())
+        }
+    }
+
+    fn tree(nodes: &[(u32, i32)]) -> DraftTree {
+        let mut t = DraftTree::default();
+        for &(tok, parent) in nodes {
+            t.push(tok, parent, 1.0);
+        }
+        t
+    }
+
+    fn round(tree: DraftTree, spine: Vec<usize>) -> Round {
+        let causal = tree.is_chain();
+        Round { seq: 0, sent: Instant::now(), base: 10, tree, causal, spine, assumed: Some(0), draft_s: 0.0 }
+    }
+
+    #[test]
+    fn a_pipelined_chain_sends_gamma_tokens_and_assumes_the_next() {
+        let mut d = Fixed(DraftTree::chain(&[1, 2, 3, 4, 5]), None);
+        let (t, spine, guess) = draft_pipelined(&mut d, &[9], &DraftBudget::chain(4), 100).unwrap();
+        assert_eq!(d.1, Some(DraftBudget { max_nodes: 5, max_depth: 5, max_branch: 1 }));
+        assert_eq!((t.tokens.as_slice(), spine.as_slice(), guess), (&[1, 2, 3, 4][..], &[0, 1, 2, 3][..], Some(5)));
+        assert_eq!(round(t, spine).assumed_commit(), Commit::Keep);
+        // Room for two tokens: one drafted, one guessed.
+        let (t, spine, guess) = draft_pipelined(&mut d, &[9], &DraftBudget::chain(4), 1).unwrap();
+        assert_eq!((t.tokens.as_slice(), spine.as_slice(), guess), (&[1][..], &[0][..], Some(2)));
+    }
+
+    #[test]
+    fn a_pipelined_tree_keeps_the_budget_and_assumes_its_spine() {
+        // Spine 1 → 2 → 3 → 4 (4 is the guess at depth γ + 1 = 4), siblings 10 (of 1), 20 (of 2),
+        // 40 (of 4, too deep) and 21 under 20.
+        let proposal = tree(&[(1, -1), (2, 0), (10, -1), (3, 1), (20, 0), (4, 3), (40, 3), (21, 4)]);
+        let mut d = Fixed(proposal, None);
+        let budget = DraftBudget { max_nodes: 7, max_depth: 3, max_branch: 3 };
+        let (t, spine, guess) = draft_pipelined(&mut d, &[9], &budget, 100).unwrap();
+        assert_eq!(d.1, Some(DraftBudget { max_nodes: 8, max_depth: 4, max_branch: 3 }));
+        assert_eq!(t.tokens, vec![1, 2, 10, 3, 20, 21]);
+        assert_eq!(spine, vec![0, 1, 3]);
+        assert_eq!(guess, Some(4));
+        assert_eq!(round(t, spine).assumed_commit(), Commit::Path(vec![0, 1, 2, 4]));
+        // Over the node budget: a prefix in index order (ancestors first) is kept, and the spine
+        // and guess are those of what is kept.
+        let budget = DraftBudget { max_nodes: 4, max_depth: 3, max_branch: 3 };
+        let (t, spine, guess) = draft_pipelined(&mut d, &[9], &budget, 100).unwrap();
+        assert_eq!((t.tokens, spine, guess), (vec![1, 2, 10, 20], vec![0, 1], Some(3)));
+    }
+
+    #[test]
+    fn siblings_of_a_short_spines_guess_stay_and_the_commit_keeps_the_spine_only() {
+        // Spine 1 → 2 (the guess), its sibling 7: the tree sent is the chain 1 → 7, whose rows
+        // every stage commits as they run; the next round keeps the root and 1 only.
+        let mut d = Fixed(tree(&[(1, -1), (2, 0), (7, 0)]), None);
+        let (t, spine, guess) = draft_pipelined(&mut d, &[9], &DraftBudget::chain(4), 100).unwrap();
+        assert_eq!((t.tokens.as_slice(), spine.as_slice(), guess), (&[1, 7][..], &[0][..], Some(2)));
+        assert_eq!(round(t, spine).assumed_commit(), Commit::Len(12));
+        // Nothing proposed: the root alone, nothing assumed.
+        let mut d = Fixed(DraftTree::default(), None);
+        let (t, spine, guess) = draft_pipelined(&mut d, &[9], &DraftBudget::chain(4), 100).unwrap();
+        assert!(t.is_empty() && spine.is_empty() && guess.is_none());
+    }
+}
