@@ -1,6 +1,6 @@
-//! `specswarm bench swarm`: plain decoding, speculative chain, speculative tree and pipelined
-//! speculation through a ring of worker processes under WAN emulation, in one run, plus 1, 4 and
-//! 8 concurrent streams; each mode reports tokens/s, acceptance, tokens per round, measured
+//! `specswarm bench swarm`: plain decoding, speculative chain, speculative tree, pipelined chains
+//! and pipelined trees through a ring of worker processes under WAN emulation, in one run, plus
+//! 1, 4 and 8 concurrent streams; each mode reports tokens/s, acceptance, tokens per round, measured
 //! traversal time T and its ceiling 1/((1 − a)·T) (DESIGN §3).
 //!
 //! `bench ring` is the client half: it measures every mode against workers that are already
@@ -26,7 +26,10 @@ enum Mode {
     Plain,
     Chain,
     Tree,
+    /// Pipelined chains.
     Pipelined,
+    /// Pipelined trees (the tree mode's budget).
+    PipelinedTree,
 }
 
 impl Mode {
@@ -36,7 +39,16 @@ impl Mode {
             Mode::Chain => "chain",
             Mode::Tree => "tree",
             Mode::Pipelined => "pipelined",
+            Mode::PipelinedTree => "pipelined-tree",
         }
+    }
+
+    fn all() -> [Mode; 5] {
+        [Mode::Plain, Mode::Chain, Mode::Tree, Mode::Pipelined, Mode::PipelinedTree]
+    }
+
+    fn pipelined(self) -> bool {
+        matches!(self, Mode::Pipelined | Mode::PipelinedTree)
     }
 }
 
@@ -103,11 +115,13 @@ impl Client {
 
     fn run_one(&self, mode: Mode, ids: &[u32], session: u64) -> Result<SwarmSpecStats> {
         let budget = match mode {
-            Mode::Tree => DraftBudget { max_nodes: self.run.tree_budget, max_depth: self.run.draft_len, max_branch: 3 },
+            Mode::Tree | Mode::PipelinedTree => {
+                DraftBudget { max_nodes: self.run.tree_budget, max_depth: self.run.draft_len, max_branch: 3 }
+            }
             _ => DraftBudget::chain(self.run.draft_len),
         };
         let settings = SwarmSpecSettings {
-            depth_max: if mode == Mode::Pipelined { self.run.depth } else { 1 },
+            depth_max: if mode.pipelined() { self.run.depth } else { 1 },
             adaptive_depth: true,
             failovers_max: 0,
         };
@@ -201,19 +215,27 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
         run: args.run.clone(),
         path: path.clone(),
     };
-    let modes: Vec<Mode> = [Mode::Plain, Mode::Chain, Mode::Tree, Mode::Pipelined]
-        .into_iter()
-        .filter(|m| args.run.modes.split(',').any(|x| x.trim() == m.name()))
-        .collect();
+    let names: Vec<&str> = args.run.modes.split(',').map(str::trim).filter(|x| !x.is_empty()).collect();
+    if let Some(bad) = names.iter().find(|x| !Mode::all().iter().any(|m| m.name() == **x)) {
+        bail!("unknown mode {bad:?} in --modes: use plain, chain, tree, pipelined, pipelined-tree");
+    }
+    // In the order given (alternate the order between runs to spread drift on a noisy machine).
+    let mut modes: Vec<Mode> = Vec::new();
+    for name in &names {
+        let mode = Mode::all().into_iter().find(|m| m.name() == *name).expect("checked above");
+        if !modes.contains(&mode) {
+            modes.push(mode);
+        }
+    }
     if modes.is_empty() {
-        bail!("--modes names none of plain, chain, tree, pipelined");
+        bail!("--modes names none of plain, chain, tree, pipelined, pipelined-tree");
     }
     let mut rows = serde_json::Map::new();
     let mut totals = Vec::new();
     for (m, mode) in modes.iter().copied().enumerate() {
         let t = client.mode(mode, 1000 * (m as u64 + 1))?;
         eprintln!(
-            "  {:<10} {:>7.1} tok/s  a {:.2}  {:.2} tok/round  T {:.1} ms",
+            "  {:<14} {:>7.1} tok/s  a {:.2}  {:.2} tok/round  T {:.1} ms",
             mode.name(),
             t.tokens_per_s(),
             t.acceptance(),
@@ -225,9 +247,16 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
     let t_of = |mode: Mode| totals.iter().find(|(m, _)| *m == mode).map(|(_, t)| t.traversal_ms()).unwrap_or(0.0);
     for (mode, t) in &totals {
         // One traversal of this mode's batches: pipelined rounds wait in a queue, so their T is
-        // the chain's.
-        let traversal_ms =
-            if *mode == Mode::Pipelined && modes.contains(&Mode::Chain) { t_of(Mode::Chain) } else { t.traversal_ms() };
+        // that of the same rounds one at a time (the chain's, or the tree's).
+        let alone = match mode {
+            Mode::Pipelined => Some(Mode::Chain),
+            Mode::PipelinedTree => Some(Mode::Tree),
+            _ => None,
+        };
+        let traversal_ms = match alone {
+            Some(m) if modes.contains(&m) => t_of(m),
+            _ => t.traversal_ms(),
+        };
         let a = t.acceptance();
         // With no miss at all (a = 1) the formula has no finite ceiling: reported as null.
         let ceiling = (a < 1.0).then(|| 1000.0 / ((1.0 - a) * traversal_ms.max(1e-9)));
@@ -249,7 +278,7 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
     }
     // Concurrent streams of the faster speculative mode.
     let tps = |mode: Mode| totals.iter().find(|(m, _)| *m == mode).map_or(0.0, |(_, t)| t.tokens_per_s());
-    let best = [Mode::Pipelined, Mode::Chain, Mode::Tree, Mode::Plain]
+    let best = [Mode::Pipelined, Mode::PipelinedTree, Mode::Chain, Mode::Tree, Mode::Plain]
         .into_iter()
         .filter(|&m| modes.contains(&m))
         .max_by(|&a, &b| tps(a).total_cmp(&tps(b)))
@@ -280,7 +309,7 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
             }),
         );
     }
-    let plain = tps(Mode::Plain);
+    let plain = modes.contains(&Mode::Plain).then(|| tps(Mode::Plain));
     let best_single = totals.iter().map(|(_, t)| t.tokens_per_s()).fold(0.0, f64::max);
     Ok(json!({
         "model": args.model,
@@ -292,7 +321,8 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
         "modes": Value::Object(rows),
         "streams_mode": best.name(),
         "streams": Value::Object(streams),
-        "speculative_speedup_vs_plain": best_single / plain.max(1e-9),
+        // Null when plain decoding was not measured.
+        "speculative_speedup_vs_plain": plain.map(|p| best_single / p.max(1e-9)),
     }))
 }
 
@@ -419,13 +449,13 @@ pub fn swarm(args: &BenchSwarmArgs) -> Result<()> {
     )?;
     writeln!(
         out,
-        "{:<10} {:>9} {:>6} {:>10} {:>8} {:>12} {:>6} {:>14}",
+        "{:<14} {:>9} {:>6} {:>10} {:>8} {:>12} {:>6} {:>14}",
         "mode", "tok/s", "a", "tok/round", "T ms", "ceiling", "%", "draft ms/round"
     )?;
     for (name, m) in result["modes"].as_object().context("modes")? {
         writeln!(
             out,
-            "{:<10} {:>9.1} {:>6.2} {:>10.2} {:>8.1} {:>12} {:>6} {:>14.1}",
+            "{:<14} {:>9.1} {:>6.2} {:>10.2} {:>8.1} {:>12} {:>6} {:>14.1}",
             name,
             m["tokens_per_s"].as_f64().unwrap_or(0.0),
             m["acceptance_rate"].as_f64().unwrap_or(0.0),
@@ -445,10 +475,8 @@ pub fn swarm(args: &BenchSwarmArgs) -> Result<()> {
             s["speedup_vs_one_stream"].as_f64().unwrap_or(0.0)
         )?;
     }
-    writeln!(
-        out,
-        "best speculative mode / plain: {:.2}x",
-        result["speculative_speedup_vs_plain"].as_f64().unwrap_or(0.0)
-    )?;
+    if let Some(x) = result["speculative_speedup_vs_plain"].as_f64() {
+        writeln!(out, "best speculative mode / plain: {x:.2}x")?;
+    }
     Ok(())
 }

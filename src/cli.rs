@@ -117,9 +117,13 @@ pub struct GatewayArgs {
     /// Swarm peers to join through (multiaddrs ending in /p2p/<peer id>), with --swarm.
     #[arg(long)]
     pub bootstrap: Vec<String>,
-    /// With --swarm and --draft: most speculative rounds in flight.
+    /// With --swarm and --draft: most speculative rounds in flight (chains or trees).
     #[arg(long, default_value_t = 1)]
     pub pipeline: usize,
+    /// With --swarm and --draft: tree node budget B per round (default: the draft length, i.e.
+    /// a chain; larger drafts trees with up to 3 children per node).
+    #[arg(long, requires = "swarm")]
+    pub tree_budget: Option<usize>,
     /// Compute threads per model (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -266,8 +270,8 @@ pub enum BenchCommand {
     /// Speculative decoding on the prompt suites: acceptance, tokens per round, and local speedup
     /// over plain decoding (outputs are checked to be identical).
     Spec(BenchSpecArgs),
-    /// Worker processes under WAN emulation: plain, speculative chain, tree and pipelined
-    /// decoding and concurrent streams in one run, each next to its ceiling 1/((1 − a)·T).
+    /// Worker processes under WAN emulation: plain, speculative chain, tree, pipelined chains and
+    /// pipelined trees, and concurrent streams in one run, each next to its ceiling 1/((1 − a)·T).
     Swarm(BenchSwarmArgs),
     /// The client half of `bench swarm` against workers already running (the netns emulator
     /// runs it inside the client's namespace).
@@ -294,17 +298,18 @@ pub struct SwarmRunArgs {
     /// Draft depth γ.
     #[arg(long, default_value_t = 8)]
     pub draft_len: usize,
-    /// Tree node budget B of the tree mode.
+    /// Tree node budget B of the tree modes (tree, pipelined-tree).
     #[arg(long, default_value_t = 24)]
     pub tree_budget: usize,
-    /// Most rounds in flight in the pipelined mode.
+    /// Most rounds in flight in the pipelined modes.
     #[arg(long, default_value_t = 4)]
     pub depth: usize,
     /// Comma-separated concurrent stream counts (empty: none).
     #[arg(long, default_value = "1,4,8")]
     pub streams: String,
-    /// Comma-separated modes to measure: plain, chain, tree, pipelined.
-    #[arg(long, default_value = "plain,chain,tree,pipelined")]
+    /// Comma-separated modes to measure: plain, chain, tree, pipelined (chains),
+    /// pipelined-tree.
+    #[arg(long, default_value = "plain,chain,tree,pipelined,pipelined-tree")]
     pub modes: String,
 }
 
@@ -460,7 +465,8 @@ pub struct GenerateArgs {
     #[arg(long, requires = "bootstrap")]
     pub swarm: bool,
     /// With --swarm and --draft: most speculative rounds in flight (1: wait for each verdict;
-    /// more pipelines chains, adapting the depth to how often rounds survive).
+    /// more pipelines the rounds, chains or trees as --tree-budget says, adapting the depth to
+    /// how often rounds survive).
     #[arg(long, default_value_t = 1)]
     pub pipeline: usize,
     /// Swarm peers to join through (multiaddrs ending in /p2p/<peer id>).

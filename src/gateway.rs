@@ -40,7 +40,8 @@ pub fn run(args: &GatewayArgs) -> Result<()> {
             let factory =
                 crate::p2p::P2pRingFactory::start(node.clone(), specswarm_net::model_id(&path)?, &id, n_layers);
             let m = SwarmModel::new(&id, &path, Box::new(factory), draft(&path)?, args.pipeline)
-                .map_err(anyhow::Error::msg)?;
+                .map_err(anyhow::Error::msg)?
+                .with_tree_budget(args.tree_budget.unwrap_or(0));
             eprintln!("gateway: serving {id} from the swarm (peer {})", node.peer_id);
             models.push(m);
         }

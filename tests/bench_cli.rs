@@ -14,7 +14,7 @@ fn bench_swarm_json_has_every_mode_and_field() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for mode in ["plain", "chain", "tree", "pipelined"] {
+    for mode in ["plain", "chain", "tree", "pipelined", "pipelined-tree"] {
         let m = &r["modes"][mode];
         for field in ["tokens_per_s", "acceptance_rate", "tokens_per_round", "traversal_ms"] {
             let v = m[field].as_f64().unwrap_or_else(|| panic!("{mode}.{field} missing in {m}"));

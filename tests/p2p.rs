@@ -153,8 +153,8 @@ fn check(name: &str, listen: &str) {
         assert_eq!(failovers, 0);
     }
     assert_eq!(ring.describe().len(), 3, "the ring has the three workers");
-    // Speculation over the same libp2p ring: the tail verifies; chains, trees and pipelined
-    // chains, greedy and sampled, equal one process.
+    // Speculation over the same libp2p ring: the tail verifies; chains, trees, pipelined chains
+    // and pipelined trees, greedy and sampled, equal one process.
     for (i, p) in PROMPTS.iter().enumerate().take(4) {
         let ids = encode(&path, &tok, p);
         let cfg = if i % 2 == 0 {
@@ -168,6 +168,7 @@ fn check(name: &str, listen: &str) {
             (DraftBudget::chain(6), 1),
             (DraftBudget { max_nodes: 12, max_depth: 4, max_branch: 3 }, 1),
             (DraftBudget::chain(4), 3),
+            (DraftBudget { max_nodes: 12, max_depth: 4, max_branch: 3 }, 3),
         ] {
             let mut drafter = SuffixDrafter::new(16, 1 << 16);
             let mut policy = Policy::new(PolicyMode::Fixed(budget));

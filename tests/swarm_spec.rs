@@ -1,5 +1,5 @@
-//! Speculative decoding across worker processes (tail-side verification, pipelined rounds,
-//! concurrent streams, failover) is lossless: greedy output equals local plain greedy output and
+//! Speculative decoding across worker processes (tail-side verification, pipelined chains and
+//! trees, concurrent streams, failover) is lossless: greedy output equals local plain greedy output and
 //! sampled output equals local plain sampled output for the same seed, token for token; and the
 //! tokens a remote tail samples have the target's distribution.
 
@@ -63,7 +63,10 @@ impl Swarm {
 enum Mode {
     Chain,
     Tree,
+    /// Pipelined chains.
     Pipelined,
+    /// Pipelined trees: every round assumes its spine is accepted.
+    PipelinedTree,
 }
 
 fn run(
@@ -78,6 +81,7 @@ fn run(
         Mode::Chain => (DraftBudget::chain(6), 1),
         Mode::Tree => (DraftBudget { max_nodes: 12, max_depth: 5, max_branch: 3 }, 1),
         Mode::Pipelined => (DraftBudget::chain(4), 3),
+        Mode::PipelinedTree => (DraftBudget { max_nodes: 10, max_depth: 4, max_branch: 3 }, 3),
     };
     let mut policy = Policy::new(PolicyMode::Fixed(budget));
     let settings = SwarmSpecSettings { depth_max: depth, adaptive_depth: false, failovers_max: 0 };
@@ -104,27 +108,38 @@ fn check_modes(name: &str, self_k: usize, max_tokens: usize) {
     let tok = Tokenizer::from_gguf(&sw.path).unwrap();
     let mut self_draft = ModelDrafter::self_draft(&sw.path, self_k, n_layers, 1).unwrap();
     let mut suffix = SuffixDrafter::new(16, 1 << 16);
-    let (mut accepted, mut drafted, mut stale) = (0, 0, 0);
+    let (mut accepted, mut drafted, mut stale, mut tree_stale, mut replayed) = (0, 0, 0, 0, 0);
     for (i, p) in PROMPTS.iter().enumerate() {
         let ids = encode(&sw.path, &tok, p);
         let greedy = SamplerConfig::greedy();
         let (want, _, _) =
             generate(&local, &ids, max_tokens, &mut Sampler::new(greedy.clone()).unwrap(), &[], &mut |_| true).unwrap();
-        for (m, mode) in [Mode::Chain, Mode::Tree, Mode::Pipelined].into_iter().enumerate() {
-            // Alternate drafters: the target's own early layers and the model-free suffix drafter.
+        // Alternate drafters: the target's own early layers and the model-free suffix drafter;
+        // pipelined trees run with both on every prompt.
+        let runs = [Mode::Chain, Mode::Tree, Mode::Pipelined, Mode::PipelinedTree, Mode::PipelinedTree];
+        for (m, mode) in runs.into_iter().enumerate() {
             let drafter: &mut dyn Drafter = if (i + m) % 2 == 0 { &mut self_draft } else { &mut suffix };
-            let mut plan = sw.plan((i * 3 + m) as u64 + 1);
+            let mut plan = sw.plan((i * runs.len() + m) as u64 + 1);
             let (got, stats) = run(&mut plan, drafter, mode, &ids, max_tokens, &greedy);
             assert_eq!(got, want, "{name} {mode:?} {}: {p:?}", drafter.name());
             accepted += stats.accepted_tokens;
             drafted += stats.drafted_nodes;
             stale += stats.stale_rounds;
+            if matches!(mode, Mode::PipelinedTree) {
+                tree_stale += stats.stale_rounds;
+                replayed += stats.replayed_tokens;
+            }
         }
     }
     eprintln!(
-        "{name}: 20 prompts x chain/tree/pipelined identical; {accepted}/{drafted} drafts accepted, {stale} stale rounds"
+        "{name}: 20 prompts x chain/tree/pipelined/pipelined-tree identical; {accepted}/{drafted} drafts accepted, {stale} stale rounds ({tree_stale} of pipelined trees, \
+         {replayed} accepted tokens off a spine replayed)"
     );
     assert!(accepted > 0, "speculation never accepted a draft: the test would not exercise it");
+    assert!(
+        tree_stale > 0 && replayed > 0,
+        "pipelined trees never rolled back a branch: the test would not exercise it"
+    );
 }
 
 #[test]
@@ -145,6 +160,7 @@ fn sampled_output_equals_local_sampled_output() {
     let local = ModelSlice::load(&sw.path, &LoadOptions { threads: 1, ..Default::default() }).unwrap();
     let tok = Tokenizer::from_gguf(&sw.path).unwrap();
     let mut self_draft = ModelDrafter::self_draft(&sw.path, 8, 30, 1).unwrap();
+    let mut tree_stale = 0;
     for (i, p) in PROMPTS.iter().enumerate().step_by(4) {
         let ids = encode(&sw.path, &tok, p);
         let cfg = SamplerConfig {
@@ -157,12 +173,17 @@ fn sampled_output_equals_local_sampled_output() {
         };
         let (want, _, _) =
             generate(&local, &ids, 24, &mut Sampler::positional(cfg.clone()).unwrap(), &[], &mut |_| true).unwrap();
-        for mode in [Mode::Chain, Mode::Tree, Mode::Pipelined] {
+        for mode in [Mode::Chain, Mode::Tree, Mode::Pipelined, Mode::PipelinedTree] {
             let mut plan = sw.plan(500 + i as u64);
-            let (got, _) = run(&mut plan, &mut self_draft, mode, &ids, 24, &cfg);
+            let (got, stats) = run(&mut plan, &mut self_draft, mode, &ids, 24, &cfg);
             assert_eq!(got, want, "{mode:?}: {p:?}");
+            if matches!(mode, Mode::PipelinedTree) {
+                tree_stale += stats.stale_rounds;
+            }
         }
     }
+    eprintln!("sampled: {tree_stale} stale rounds of pipelined trees");
+    assert!(tree_stale > 0, "no pipelined tree round was rolled back: the test would not exercise it");
 }
 
 /// The tokens a remote tail samples while verifying a tree have the target's distribution:
@@ -286,8 +307,8 @@ fn concurrent_streams_equal_their_solo_output() {
     });
 }
 
-/// kill -9 a random worker at a random point during pipelined speculation, with a spare for its
-/// span: the request completes with identical tokens.
+/// kill -9 a random worker at a random point during pipelined speculation (chains and trees in
+/// turn), with a spare for its span: the request completes with identical tokens.
 #[test]
 fn failover_during_pipelined_speculation() {
     let path = model_path("smollm2-135m");
@@ -301,8 +322,9 @@ fn failover_during_pipelined_speculation() {
             .unwrap();
     let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
     let mut workers = Procs(Vec::new());
-    let trials = 6;
+    let trials = 8;
     for trial in 0..trials {
+        let trees = trial % 2 == 1;
         // A fresh primary per stage plus one spare per stage.
         let mut primary = Vec::new();
         let mut spares: Vec<SocketAddr> = Vec::new();
@@ -325,7 +347,9 @@ fn failover_during_pipelined_speculation() {
         };
         let victim = primary[victim_stage].0;
         let mut drafter = SuffixDrafter::new(16, 1 << 16);
-        let mut policy = Policy::new(PolicyMode::Fixed(DraftBudget::chain(4)));
+        let budget =
+            if trees { DraftBudget { max_nodes: 10, max_depth: 4, max_branch: 3 } } else { DraftBudget::chain(4) };
+        let mut policy = Policy::new(PolicyMode::Fixed(budget));
         let settings = SwarmSpecSettings { depth_max: 3, adaptive_depth: false, failovers_max: 2 };
         let mut produced = 0;
         let (got, _, stats) = {
@@ -351,7 +375,7 @@ fn failover_during_pipelined_speculation() {
             )
             .unwrap_or_else(|e| panic!("trial {trial}: {e}"))
         };
-        assert_eq!(got, want, "trial {trial}: stage {victim_stage} killed after {kill_at} tokens");
-        assert_eq!(stats.failovers, 1, "trial {trial}: exactly one failover");
+        assert_eq!(got, want, "trial {trial} (trees: {trees}): stage {victim_stage} killed after {kill_at} tokens");
+        assert_eq!(stats.failovers, 1, "trial {trial} (trees: {trees}): exactly one failover");
     }
 }

@@ -46,6 +46,8 @@ pub struct SwarmModel {
     drafter: Option<(Recipe, usize)>,
     /// Earlier answers per API key, for the suffix drafter.
     corpora: Corpora,
+    /// Tree node budget B per round (at most the draft length: chains).
+    tree_budget: usize,
     pipeline_depth: usize,
     active: AtomicUsize,
     throughput: Throughput,
@@ -70,10 +72,18 @@ impl SwarmModel {
             factory,
             drafter,
             corpora: Corpora::default(),
+            tree_budget: 0,
             pipeline_depth: pipeline_depth.max(1),
             active: AtomicUsize::new(0),
             throughput: Throughput::default(),
         })
+    }
+
+    /// Draft trees of `nodes` nodes per round (branching up to 3) instead of chains, when `nodes`
+    /// exceeds the draft length; pipelined like chains.
+    pub fn with_tree_budget(mut self, nodes: usize) -> SwarmModel {
+        self.tree_budget = nodes;
+        self
     }
 }
 
@@ -144,7 +154,15 @@ impl Backend for SwarmBackend {
             });
         }
         let (mut drafter, budget): (Box<dyn Drafter>, DraftBudget) = match &m.drafter {
-            Some((recipe, len)) => (recipe.instantiate(Some(&m.corpora.get(req.tenant))), DraftBudget::chain(*len)),
+            Some((recipe, len)) => {
+                let drafter = recipe.instantiate(Some(&m.corpora.get(req.tenant)));
+                let len = (*len).max(1);
+                if m.tree_budget > len {
+                    (drafter, DraftBudget { max_nodes: m.tree_budget, max_depth: len, max_branch: 3 })
+                } else {
+                    (drafter, DraftBudget::chain(len))
+                }
+            }
             None => (Box::new(NoDraft), DraftBudget::chain(1)),
         };
         let depth = if m.drafter.is_some() { m.pipeline_depth } else { 1 };

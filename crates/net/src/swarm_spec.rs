@@ -10,14 +10,23 @@
 //! same seed, token for token.
 //!
 //! **Pipelining.** With `depth_max > 1` the client does not wait: it assumes the round in flight
-//! will be accepted whole and that the target's next token will be the drafter's next guess, and
-//! sends the round after it built on that assumption (chains only: a chain's rows sit at their
-//! final positions, so keeping them needs no compaction). Up to `depth` rounds are in flight. A
-//! verdict that breaks the assumption makes every later round stale: the client starts a new
-//! epoch and its next round carries `Commit::Len`, which rolls every stage back before it runs
-//! (frames travel the ring in order, so stale rounds are always overtaken by the rollback, never
-//! the other way round); verdicts of older epochs are dropped. The depth adapts: it follows the
-//! measured probability `s` that a round survives whole, as the expected run of survivals
+//! will accept its *spine* whole (the drafter's most likely path, first child at every level: the
+//! whole chain for a chain) and that the target's next token will be the drafter's guess after
+//! the spine, and sends the round after it built on that assumption. That round carries what
+//! every stage must keep of the one before: `Commit::Keep` after a chain (its rows sit at their
+//! final positions already), `Commit::Path(root + spine)` after a tree (the other branches are
+//! dropped, the spine compacted behind the committed prefix). Up to `depth` rounds are in
+//! flight; the policy's budget (tree size, depth, branching) applies to each as to a lone round.
+//! A verdict that breaks the assumption makes every later round stale: the client starts a new
+//! epoch and rolls every stage back with `Commit::Len(base + 1 + common)`, where `common` is how
+//! far the accepted path follows the spine (the stages committed the spine through the first
+//! stale round's commit); accepted tokens beyond that point (a branch off the spine, whose rows
+//! the stages dropped) are sent again as a plain causal batch that carries its tokens to the
+//! tail, which thus keeps the exact token history its sampler and penalties read. Frames
+//! travel the ring in order, so stale rounds are always overtaken by the rollback, never the
+//! other way round; verdicts of older epochs are dropped. With nothing in flight, a tree round's
+//! verdict is committed as at depth 1 (`Commit::Path(accepted)`). The depth adapts: it follows
+//! the measured probability `s` that a round survives whole, as the expected run of survivals
 //! `s / (1 − s)` (pipelining only pays when in-flight rounds usually survive).
 //!
 //! **Failover.** If a stage dies or stalls (every wait is bounded by the ring's timeout), the
@@ -42,7 +51,7 @@ use crate::ring::{RingError, RingSpec};
 /// How a speculative request runs through the ring.
 #[derive(Clone, Debug)]
 pub struct SwarmSpecSettings {
-    /// Most rounds in flight (1: wait for each verdict; trees are allowed only then).
+    /// Most rounds in flight (1: wait for each verdict).
     pub depth_max: usize,
     /// Adapt the depth to the measured survival rate (otherwise always `depth_max`).
     pub adaptive_depth: bool,
@@ -86,6 +95,8 @@ pub struct SwarmSpecStats {
     pub rounds_sent: usize,
     /// Seconds the client spent drafting (outside the ring's traversals unless pipelined).
     pub draft_s_sum: f64,
+    /// Accepted tokens sent again after a pipeline rollback (a branch off a tree round's spine).
+    pub replayed_tokens: usize,
 }
 
 impl SwarmSpecStats {
@@ -142,7 +153,11 @@ struct Round {
     tree: DraftTree,
     /// A causal chain batch (rows committed as they run) rather than a tree batch.
     causal: bool,
-    /// The token assumed to follow this round's drafts (the next round's root), if any.
+    /// The path of nodes the next round assumes accepted (the drafter's most likely path; the
+    /// whole chain for a chain), node indices from the root's child down. Empty when nothing is
+    /// assumed.
+    spine: Vec<usize>,
+    /// The token assumed to follow the spine (the next round's root), if any.
     assumed: Option<u32>,
     /// Seconds the drafter spent proposing this round.
     draft_s: f64,
@@ -449,7 +464,7 @@ fn run_rounds(
             for r in &in_flight {
                 match r.assumed {
                     Some(a) => {
-                        spec_seq.extend(r.tree.tokens.iter().copied());
+                        spec_seq.extend(r.spine.iter().map(|&i| r.tree.tokens[i]));
                         spec_seq.push(a);
                     }
                     None => unreachable!("a round without an assumption is always the last in flight"),
@@ -462,20 +477,14 @@ fn run_rounds(
             }
             let budget = policy.next_budget();
             let drafting = Instant::now();
-            let (tree, assumed) = if pipelined {
-                let gamma = budget.max_depth.min(room);
-                let chain = drafter.propose(&spec_seq, &DraftBudget::chain(gamma + 1))?;
-                let mut tokens = spine(&chain);
-                tokens.truncate(gamma + 1);
-                // The last proposed token is the guess of the target's own next token.
-                let assumed = tokens.pop();
-                (DraftTree::chain(&tokens), assumed)
+            let (tree, spine, assumed) = if pipelined {
+                draft_pipelined(drafter, &spec_seq, &budget, room)?
             } else {
                 let tree = drafter.propose(&spec_seq, &budget)?;
                 let room = room - 1;
                 let keep: Vec<usize> =
                     (0..tree.len()).filter(|&i| i < budget.max_nodes && tree.depth(i) <= room).collect();
-                (if keep.len() == tree.len() { tree } else { tree.prune(&keep) }, None)
+                (if keep.len() == tree.len() { tree } else { tree.prune(&keep) }, Vec::new(), None)
             };
             let draft_s = drafting.elapsed().as_secs_f64();
             let causal = tree.is_chain();
@@ -484,15 +493,19 @@ fn run_rounds(
             let tokens = tree.batch_tokens(root);
             let positions = tree.batch_positions(base);
             let parents = (!causal).then(|| tree.batch_parents());
-            let commit =
-                if in_flight.is_empty() { std::mem::replace(&mut pending, Commit::Keep) } else { Commit::Keep };
+            // What every stage keeps of the previous round before running this one: what this
+            // round is built on.
+            let commit = match in_flight.back() {
+                None => std::mem::replace(&mut pending, Commit::Keep),
+                Some(prev) => prev.assumed_commit(),
+            };
             let seq = ring.send_round(&positions, parents.as_deref(), SpecRound { tokens, commit, verify: true })?;
             stats.rounds_sent += 1;
             stats.depth_sum += in_flight.len() + 1;
             stats.drafted_nodes += tree.len();
             stats.draft_s_sum += draft_s;
             let stop = assumed.is_none();
-            in_flight.push_back(Round { seq, sent: Instant::now(), base, tree, causal, assumed, draft_s });
+            in_flight.push_back(Round { seq, sent: Instant::now(), base, tree, causal, spine, assumed, draft_s });
             if stop {
                 break;
             }
@@ -517,8 +530,9 @@ fn run_rounds(
             return Err(SwarmSpecError::Ring(RingError::Unexpected { stage: ring.stages() - 1 }));
         }
         stats.accepted_tokens += accepted.len();
+        let accepted: Vec<usize> = accepted.iter().map(|&i| i as usize).collect();
         let whole = accepted.len() == round.tree.len() && round.causal;
-        let survived = whole && round.assumed == Some(next);
+        let survived = round.assumed == Some(next) && accepted == round.spine;
         if !survived {
             stats.misses += 1;
         }
@@ -533,8 +547,7 @@ fn run_rounds(
             survival += 0.2 * (f64::from(u8::from(survived)) - survival);
         }
 
-        let emitted: Vec<u32> =
-            accepted.iter().map(|&i| round.tree.tokens[i as usize]).chain(std::iter::once(next)).collect();
+        let emitted: Vec<u32> = accepted.iter().map(|&i| round.tree.tokens[i]).chain(std::iter::once(next)).collect();
         let mut live = true;
         for tok in emitted {
             if !state.push(tok, max_tokens, stop_ids, on_token) {
@@ -547,25 +560,90 @@ fn run_rounds(
             return Ok(());
         }
         drafter.observe(&state.seq);
-        if survived {
-            continue; // the next round in flight (if any) was built on exactly this
+        if survived && !in_flight.is_empty() {
+            continue; // the next round in flight was built on exactly this and carries its commit
         }
-        // Roll back: later rounds are stale; the next round keeps what this verdict accepted.
-        stats.stale_rounds += in_flight.len();
-        if !in_flight.is_empty() {
-            in_flight.clear();
-            ring.bump_epoch();
-        }
-        pending = if round.causal {
-            if whole && in_flight.is_empty() && round.assumed.is_none() {
+        if in_flight.is_empty() {
+            // Every stage holds this round as it ran: keep what the verdict accepted.
+            pending = if !round.causal {
+                Commit::Path(std::iter::once(0).chain(accepted.iter().map(|&i| i as u32 + 1)).collect())
+            } else if whole {
                 Commit::Keep
             } else {
                 Commit::Len((round.base + 1 + accepted.len()) as u32)
-            }
+            };
+            continue;
+        }
+        // The later rounds are stale. By the time the next frame of the new epoch reaches a stage,
+        // the stage has run them (frames travel the ring in order), so it keeps this round's root
+        // and spine (the first stale round's commit) and whatever the stale rounds committed
+        // after it: roll back to where the accepted path leaves the spine, and send the accepted
+        // tokens beyond that point again as a plain causal batch that carries its tokens to the
+        // tail (whose token mirror then matches the committed sequence exactly).
+        stats.stale_rounds += in_flight.len();
+        in_flight.clear();
+        ring.bump_epoch();
+        let common = accepted.iter().zip(&round.spine).take_while(|(a, s)| a == s).count();
+        let keep = round.base + 1 + common;
+        let replay: Vec<u32> = accepted[common..].iter().map(|&i| round.tree.tokens[i]).collect();
+        if replay.is_empty() {
+            pending = Commit::Len(keep as u32);
         } else {
-            Commit::Path(std::iter::once(0).chain(accepted.iter().map(|&i| i + 1)).collect())
-        };
+            stats.replayed_tokens += replay.len();
+            let positions: Vec<u32> = (keep as u32..(keep + replay.len()) as u32).collect();
+            let spec = SpecRound { tokens: replay, commit: Commit::Len(keep as u32), verify: false };
+            ring.send_round(&positions, None, spec)?;
+            pending = Commit::Keep;
+        }
     }
+}
+
+impl Round {
+    /// The commit of the round built on this one: keep the root and the spine.
+    fn assumed_commit(&self) -> Commit {
+        if !self.causal {
+            Commit::Path(std::iter::once(0).chain(self.spine.iter().map(|&i| i as u32 + 1)).collect())
+        } else if self.spine.len() == self.tree.len() {
+            Commit::Keep // a chain's rows are committed as they run
+        } else {
+            Commit::Len((self.base + 1 + self.spine.len()) as u32)
+        }
+    }
+}
+
+/// A pipelined round's drafts: the tree within `budget` (depth also within `room`), its spine
+/// (the drafter's most likely path: first child at every level) and the drafter's guess of the
+/// target's token after the spine, which the next round assumes.
+///
+/// The drafter is asked for one level and one node more than the budget; the guess is the last
+/// node of the proposal's spine, and is not sent (the next round's root is). Siblings of the
+/// guess stay in the tree when the depth allows (a spine the drafter cut short): they cannot
+/// keep the assumption alive, but they still turn a miss into an accepted token.
+fn draft_pipelined(
+    drafter: &mut dyn Drafter,
+    seq: &[u32],
+    budget: &DraftBudget,
+    room: usize,
+) -> Result<(DraftTree, Vec<usize>, Option<u32>), SwarmSpecError> {
+    let gamma = budget.max_depth.min(room);
+    let wide = DraftBudget { max_nodes: budget.max_nodes + 1, max_depth: gamma + 1, max_branch: budget.max_branch };
+    let proposal = drafter.propose(seq, &wide)?;
+    // Within the widened budget whatever the drafter returned (parents precede children, so a
+    // prefix keeps every kept node's ancestors).
+    let keep: Vec<usize> =
+        (0..proposal.len()).filter(|&i| i < wide.max_nodes && proposal.depth(i) <= wide.max_depth).collect();
+    let proposal = if keep.len() == proposal.len() { proposal } else { proposal.prune(&keep) };
+    let mut path = spine(&proposal);
+    let Some(guess) = path.pop() else {
+        return Ok((proposal, Vec::new(), None));
+    };
+    // The guess is a leaf and every node deeper than γ goes with its whole subtree, so `prune`
+    // keeps exactly `keep` and a node's new index is its rank in `keep`.
+    let keep: Vec<usize> = (0..proposal.len()).filter(|&i| i != guess && proposal.depth(i) <= gamma).collect();
+    let tree = proposal.prune(&keep);
+    debug_assert_eq!(tree.len(), keep.len());
+    let spine = path.iter().map(|i| keep.binary_search(i).expect("spine nodes are kept")).collect();
+    Ok((tree, spine, Some(proposal.tokens[guess])))
 }
 
 /// The verdict for round `seq` of the current epoch; stale frames are skipped.
@@ -584,13 +662,90 @@ fn wait_verdict(ring: &mut dyn SpecRing, seq: u32) -> Result<(Vec<u32>, u32), Ri
     }
 }
 
-/// The first chain of a proposal (its spine: first child at every level).
-fn spine(tree: &DraftTree) -> Vec<u32> {
+/// The first chain of a proposal (its spine: first child at every level), as node indices.
+fn spine(tree: &DraftTree) -> Vec<usize> {
     let mut out = Vec::new();
     let mut at = None;
     while let Some(c) = tree.children(at).next() {
-        out.push(tree.tokens[c]);
+        out.push(c);
         at = Some(c);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Proposes a fixed tree (whatever the budget) and records the budget it was asked for.
+    struct Fixed(DraftTree, Option<DraftBudget>);
+
+    impl Drafter for Fixed {
+        fn name(&self) -> String {
+            "fixed".into()
+        }
+        fn propose(&mut self, _: &[u32], budget: &DraftBudget) -> Result<DraftTree, specswarm_spec::SpecError> {
+            self.1 = Some(*budget);
+            Ok(self.0.clone())
+        }
+    }
+
+    fn tree(nodes: &[(u32, i32)]) -> DraftTree {
+        let mut t = DraftTree::default();
+        for &(tok, parent) in nodes {
+            t.push(tok, parent, 1.0);
+        }
+        t
+    }
+
+    fn round(tree: DraftTree, spine: Vec<usize>) -> Round {
+        let causal = tree.is_chain();
+        Round { seq: 0, sent: Instant::now(), base: 10, tree, causal, spine, assumed: Some(0), draft_s: 0.0 }
+    }
+
+    #[test]
+    fn a_pipelined_chain_sends_gamma_tokens_and_assumes_the_next() {
+        let mut d = Fixed(DraftTree::chain(&[1, 2, 3, 4, 5]), None);
+        let (t, spine, guess) = draft_pipelined(&mut d, &[9], &DraftBudget::chain(4), 100).unwrap();
+        assert_eq!(d.1, Some(DraftBudget { max_nodes: 5, max_depth: 5, max_branch: 1 }));
+        assert_eq!((t.tokens.as_slice(), spine.as_slice(), guess), (&[1, 2, 3, 4][..], &[0, 1, 2, 3][..], Some(5)));
+        assert_eq!(round(t, spine).assumed_commit(), Commit::Keep);
+        // Room for two tokens: one drafted, one guessed.
+        let (t, spine, guess) = draft_pipelined(&mut d, &[9], &DraftBudget::chain(4), 1).unwrap();
+        assert_eq!((t.tokens.as_slice(), spine.as_slice(), guess), (&[1][..], &[0][..], Some(2)));
+    }
+
+    #[test]
+    fn a_pipelined_tree_keeps_the_budget_and_assumes_its_spine() {
+        // Spine 1 → 2 → 3 → 4 (4 is the guess at depth γ + 1 = 4), siblings 10 (of 1), 20 (of 2),
+        // 40 (of 4, too deep) and 21 under 20.
+        let proposal = tree(&[(1, -1), (2, 0), (10, -1), (3, 1), (20, 0), (4, 3), (40, 3), (21, 4)]);
+        let mut d = Fixed(proposal, None);
+        let budget = DraftBudget { max_nodes: 7, max_depth: 3, max_branch: 3 };
+        let (t, spine, guess) = draft_pipelined(&mut d, &[9], &budget, 100).unwrap();
+        assert_eq!(d.1, Some(DraftBudget { max_nodes: 8, max_depth: 4, max_branch: 3 }));
+        assert_eq!(t.tokens, vec![1, 2, 10, 3, 20, 21]);
+        assert_eq!(spine, vec![0, 1, 3]);
+        assert_eq!(guess, Some(4));
+        assert_eq!(round(t, spine).assumed_commit(), Commit::Path(vec![0, 1, 2, 4]));
+        // Over the node budget: a prefix in index order (ancestors first) is kept, and the spine
+        // and guess are those of what is kept.
+        let budget = DraftBudget { max_nodes: 4, max_depth: 3, max_branch: 3 };
+        let (t, spine, guess) = draft_pipelined(&mut d, &[9], &budget, 100).unwrap();
+        assert_eq!((t.tokens, spine, guess), (vec![1, 2, 10, 20], vec![0, 1], Some(3)));
+    }
+
+    #[test]
+    fn siblings_of_a_short_spines_guess_stay_and_the_commit_keeps_the_spine_only() {
+        // Spine 1 → 2 (the guess), its sibling 7: the tree sent is the chain 1 → 7, whose rows
+        // every stage commits as they run; the next round keeps the root and 1 only.
+        let mut d = Fixed(tree(&[(1, -1), (2, 0), (7, 0)]), None);
+        let (t, spine, guess) = draft_pipelined(&mut d, &[9], &DraftBudget::chain(4), 100).unwrap();
+        assert_eq!((t.tokens.as_slice(), spine.as_slice(), guess), (&[1, 7][..], &[0][..], Some(2)));
+        assert_eq!(round(t, spine).assumed_commit(), Commit::Len(12));
+        // Nothing proposed: the root alone, nothing assumed.
+        let mut d = Fixed(DraftTree::default(), None);
+        let (t, spine, guess) = draft_pipelined(&mut d, &[9], &DraftBudget::chain(4), 100).unwrap();
+        assert!(t.is_empty() && spine.is_empty() && guess.is_none());
+    }
 }
