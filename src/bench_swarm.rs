@@ -16,6 +16,8 @@ use serde_json::{Value, json};
 use specswarm_engine::sampling::SamplerConfig;
 use specswarm_net::ring::RingSpec;
 use specswarm_net::swarm_spec::{RingPlan, SwarmSpecSettings, SwarmSpecStats, generate_swarm_speculative};
+use specswarm_spec::drafter::recipe::Recipe;
+use specswarm_spec::drafter::suffix::{SharedCorpus, SuffixCorpus};
 use specswarm_spec::drafter::{DraftBudget, Drafter, NoDraft};
 use specswarm_spec::policy::{Policy, PolicyMode};
 
@@ -102,18 +104,21 @@ struct Client {
     plan: RingPlan,
     prompts: Vec<Vec<u32>>,
     run: SwarmRunArgs,
-    path: std::path::PathBuf,
+    /// The drafter of the speculative modes, loaded once (one instance per request).
+    recipe: Recipe,
 }
 
 impl Client {
-    fn drafter(&self, mode: Mode) -> Result<Box<dyn Drafter>> {
-        if mode == Mode::Plain {
-            return Ok(Box::new(NoDraft));
-        }
-        crate::speculate::drafter(&self.run.draft, &self.path, self.run.draft_threads)
+    fn drafter(&self, mode: Mode, corpus: Option<&SharedCorpus>) -> Box<dyn Drafter> {
+        if mode == Mode::Plain { Box::new(NoDraft) } else { self.recipe.instantiate(corpus) }
     }
 
-    fn run_one(&self, mode: Mode, ids: &[u32], session: u64) -> Result<SwarmSpecStats> {
+    /// The corpus a mode's requests share (`--corpus shared`), else none (each drafter its own).
+    fn corpus(&self) -> Option<SharedCorpus> {
+        (self.run.corpus == "shared").then(|| SuffixCorpus::shared(16, 1 << 20))
+    }
+
+    fn run_one(&self, mode: Mode, ids: &[u32], session: u64, corpus: Option<&SharedCorpus>) -> Result<SwarmSpecStats> {
         let budget = match mode {
             Mode::Tree | Mode::PipelinedTree => {
                 DraftBudget { max_nodes: self.run.tree_budget, max_depth: self.run.draft_len, max_branch: 3 }
@@ -126,8 +131,8 @@ impl Client {
             failovers_max: 0,
         };
         let mut plan = RingPlan { session, ..self.plan.clone() };
-        // A fresh drafter per request: nothing learnt from earlier runs of the same prompt.
-        let mut drafter = self.drafter(mode)?;
+        // A drafter per request; with `--corpus fresh` it knows nothing of earlier requests.
+        let mut drafter = self.drafter(mode, corpus);
         let mut policy = Policy::new(PolicyMode::Fixed(budget));
         let (_, _, stats) = generate_swarm_speculative(
             &mut plan,
@@ -146,14 +151,17 @@ impl Client {
 
     fn mode(&self, mode: Mode, session0: u64) -> Result<Totals> {
         let mut t = Totals::default();
+        let corpus = self.corpus();
         for (i, ids) in self.prompts.iter().enumerate() {
-            t.add(&self.run_one(mode, ids, session0 + i as u64)?);
+            t.add(&self.run_one(mode, ids, session0 + i as u64, corpus.as_ref())?);
         }
         Ok(t)
     }
 
     /// `k` streams at once, each running the prompts in turn; aggregate tokens/s.
     fn streams(&self, mode: Mode, k: usize, session0: u64) -> Result<(f64, Totals)> {
+        let corpus = self.corpus();
+        let corpus = corpus.as_ref();
         let t0 = Instant::now();
         let results: Vec<Result<Totals>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..k)
@@ -165,6 +173,7 @@ impl Client {
                                 mode,
                                 &self.prompts[(i + j) % self.prompts.len()],
                                 session0 + (j * 100 + i) as u64,
+                                corpus,
                             )?);
                         }
                         Ok(t)
@@ -213,7 +222,7 @@ pub fn ring_modes(args: &BenchRingArgs) -> Result<Value> {
         plan: RingPlan { addrs, spec: RingSpec { model_id, ranges }, session: 1, timeout: Duration::from_secs(120) },
         prompts,
         run: args.run.clone(),
-        path: path.clone(),
+        recipe: crate::speculate::recipe(&args.run.draft, &path, args.run.draft_threads)?,
     };
     let names: Vec<&str> = args.run.modes.split(',').map(str::trim).filter(|x| !x.is_empty()).collect();
     if let Some(bad) = names.iter().find(|x| !Mode::all().iter().any(|m| m.name() == **x)) {

@@ -311,6 +311,11 @@ pub struct SwarmRunArgs {
     /// pipelined-tree.
     #[arg(long, default_value = "plain,chain,tree,pipelined,pipelined-tree")]
     pub modes: String,
+    /// Suffix drafters' corpus of earlier answers: `fresh` (each request starts empty) or
+    /// `shared` (within a mode, each request reads the answers of the requests before it, as the
+    /// gateway's per-key corpus does for an agent's session).
+    #[arg(long, default_value = "fresh", value_parser = ["fresh", "shared"])]
+    pub corpus: String,
 }
 
 impl SwarmRunArgs {
@@ -322,6 +327,7 @@ impl SwarmRunArgs {
             ("--draft", self.draft.clone()),
             ("--draft-threads", self.draft_threads.to_string()),
             ("--draft-len", self.draft_len.to_string()),
+            ("--corpus", self.corpus.clone()),
             ("--tree-budget", self.tree_budget.to_string()),
             ("--depth", self.depth.to_string()),
             ("--streams", self.streams.clone()),
