@@ -119,7 +119,7 @@ fn spec(args: &BenchSpecArgs) -> Result<()> {
     let budget = DraftBudget {
         max_nodes: args.tree_budget.unwrap_or(args.draft_len),
         max_depth: args.draft_len,
-        max_branch: if args.tree_budget.is_some_and(|b| b > args.draft_len) { 3 } else { 1 },
+        max_branch: if args.tree_budget.is_some_and(|b| b > args.draft_len) { args.branch } else { 1 },
     };
     let mut rows = Vec::new();
     if !args.json {

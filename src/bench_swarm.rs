@@ -120,9 +120,11 @@ impl Client {
 
     fn run_one(&self, mode: Mode, ids: &[u32], session: u64, corpus: Option<&SharedCorpus>) -> Result<SwarmSpecStats> {
         let budget = match mode {
-            Mode::Tree | Mode::PipelinedTree => {
-                DraftBudget { max_nodes: self.run.tree_budget, max_depth: self.run.draft_len, max_branch: 3 }
-            }
+            Mode::Tree | Mode::PipelinedTree => DraftBudget {
+                max_nodes: self.run.tree_budget,
+                max_depth: self.run.draft_len,
+                max_branch: self.run.branch,
+            },
             _ => DraftBudget::chain(self.run.draft_len),
         };
         let settings = SwarmSpecSettings {

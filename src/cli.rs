@@ -301,6 +301,10 @@ pub struct SwarmRunArgs {
     /// Tree node budget B of the tree modes (tree, pipelined-tree).
     #[arg(long, default_value_t = 24)]
     pub tree_budget: usize,
+    /// Tree modes: children per expanded node, and nodes a model drafter expands per draft
+    /// forward.
+    #[arg(long, default_value_t = 3)]
+    pub branch: usize,
     /// Most rounds in flight in the pipelined modes.
     #[arg(long, default_value_t = 4)]
     pub depth: usize,
@@ -329,6 +333,7 @@ impl SwarmRunArgs {
             ("--draft-len", self.draft_len.to_string()),
             ("--corpus", self.corpus.clone()),
             ("--tree-budget", self.tree_budget.to_string()),
+            ("--branch", self.branch.to_string()),
             ("--depth", self.depth.to_string()),
             ("--streams", self.streams.clone()),
             ("--modes", self.modes.clone()),
@@ -389,6 +394,9 @@ pub struct BenchSpecArgs {
     /// Tree node budget B (equal to the draft length: a chain).
     #[arg(long)]
     pub tree_budget: Option<usize>,
+    /// Trees: children per expanded node, and nodes a model drafter expands per draft forward.
+    #[arg(long, default_value_t = 3)]
+    pub branch: usize,
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     #[arg(long)]

@@ -4,7 +4,9 @@
 //! order. A forward batch appends its rows after `len` in batch order (a tree's nodes are not in
 //! position order); the caller then either commits them all (a causal batch), keeps one path
 //! ([`KvCache::accept_path`], which compacts the path's rows to contiguous positions), or drops
-//! them ([`KvCache::truncate`]).
+//! them ([`KvCache::truncate`]). A tree's rows stay *staged* until then: each staged row knows
+//! its parent (another staged row, or the committed prefix) and its position, so a later tree
+//! batch can grow the same tree (see `ModelSlice::forward_grow`).
 
 use crate::error::EngineError;
 
@@ -16,6 +18,13 @@ pub(crate) struct LayerKv {
     pub v: Vec<f32>,
 }
 
+/// A staged tree row: its parent (a staged row index, `-1` for the committed prefix) and position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct StagedRow {
+    pub parent: i32,
+    pub position: u32,
+}
+
 #[derive(Clone, Debug)]
 pub struct KvCache {
     pub(crate) layers: Vec<LayerKv>,
@@ -23,12 +32,14 @@ pub struct KvCache {
     pub(crate) v_dim: usize,
     /// Committed rows.
     len: usize,
+    /// Staged tree rows after the committed ones, in storage order.
+    staged: Vec<StagedRow>,
     budget_tokens: usize,
 }
 
 impl KvCache {
     pub(crate) fn new(n_layers: usize, k_dim: usize, v_dim: usize, budget_tokens: usize) -> KvCache {
-        KvCache { layers: vec![LayerKv::default(); n_layers], k_dim, v_dim, len: 0, budget_tokens }
+        KvCache { layers: vec![LayerKv::default(); n_layers], k_dim, v_dim, len: 0, staged: Vec::new(), budget_tokens }
     }
 
     /// Number of committed tokens (= the position of the next token).
@@ -44,45 +55,64 @@ impl KvCache {
         self.budget_tokens
     }
 
-    /// Reserve room for `n` more rows after the committed ones, or refuse if over budget.
+    /// Staged (uncommitted) tree rows.
+    pub fn staged_len(&self) -> usize {
+        self.staged.len()
+    }
+
+    pub(crate) fn staged(&self) -> &[StagedRow] {
+        &self.staged
+    }
+
+    /// Reserve room for `n` more rows after the committed and staged ones, or refuse if over budget.
     pub(crate) fn check_room(&self, n: usize) -> Result<(), EngineError> {
-        let needed = self.len + n;
+        let needed = self.len + self.staged.len() + n;
         if needed > self.budget_tokens {
             return Err(EngineError::KvBudgetExceeded { needed, budget: self.budget_tokens });
         }
         Ok(())
     }
 
-    /// Make layer storage hold exactly `len + n` rows (the batch's rows are written by the forward).
+    /// Make layer storage hold exactly `len + staged + n` rows (the batch's rows are written by
+    /// the forward).
     pub(crate) fn stage_rows(&mut self, n: usize) {
-        let rows = self.len + n;
+        let rows = self.len + self.staged.len() + n;
         for l in &mut self.layers {
             l.k.resize(rows * self.k_dim, 0.0);
             l.v.resize(rows * self.v_dim, 0.0);
         }
     }
 
-    /// Commit the rows a batch staged (a causal batch keeps all of them).
+    /// Commit the rows a causal batch wrote (nothing is staged then).
     pub(crate) fn commit(&mut self, n: usize) {
+        debug_assert!(self.staged.is_empty());
         self.len += n;
         debug_assert!(self.layers.iter().all(|l| l.k.len() == self.len * self.k_dim));
+    }
+
+    /// Record the rows a tree batch wrote as staged.
+    pub(crate) fn stage(&mut self, rows: impl IntoIterator<Item = StagedRow>) {
+        self.staged.extend(rows);
+        debug_assert!(self.layers.iter().all(|l| l.k.len() == (self.len + self.staged.len()) * self.k_dim));
     }
 
     /// Drop everything after `len` committed tokens (staged rows included).
     pub fn truncate(&mut self, len: usize) {
         let len = len.min(self.len);
         self.len = len;
+        self.staged.clear();
         for l in &mut self.layers {
             l.k.truncate(len * self.k_dim);
             l.v.truncate(len * self.v_dim);
         }
     }
 
-    /// Keep one root-to-leaf path of the last (staged, uncommitted) tree batch: `path` lists batch
-    /// node indices in order; their rows move to positions `len..len + path.len()` and the rest is
-    /// dropped.
+    /// Keep one path of the staged tree from the committed prefix down: `path` lists staged row
+    /// indices (a tree batch's node indices, continued by any batch that grew the tree), each the
+    /// parent of the next, the first a child of the prefix; their rows move to positions
+    /// `len..len + path.len()` and the rest is dropped.
     pub fn accept_path(&mut self, path: &[usize]) -> Result<(), EngineError> {
-        let staged = self.layers.first().map_or(0, |l| l.k.len() / self.k_dim.max(1)) - self.len;
+        let staged = self.staged.len();
         if let Some(&bad) = path.iter().find(|&&i| i >= staged) {
             return Err(EngineError::BadBatch {
                 reason: format!("path node {bad} is outside the staged {staged} rows"),
@@ -90,6 +120,13 @@ impl KvCache {
         }
         if path.windows(2).any(|w| w[0] >= w[1]) {
             return Err(EngineError::BadBatch { reason: format!("path {path:?} is not increasing") });
+        }
+        let linked = path.iter().enumerate().all(|(j, &i)| {
+            let parent = self.staged[i].parent;
+            if j == 0 { parent < 0 } else { parent == path[j - 1] as i32 }
+        });
+        if !linked {
+            return Err(EngineError::BadBatch { reason: format!("path {path:?} is not a path of the staged tree") });
         }
         let base = self.len;
         for l in &mut self.layers {
@@ -104,6 +141,7 @@ impl KvCache {
             l.v.truncate((base + path.len()) * self.v_dim);
         }
         self.len = base + path.len();
+        self.staged.clear();
         Ok(())
     }
 

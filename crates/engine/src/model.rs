@@ -17,7 +17,7 @@ use specswarm_proto::limits;
 use crate::config::{Activation, ModelConfig, RopeStyle};
 use crate::error::EngineError;
 use crate::gguf::GgufFile;
-use crate::kv::KvCache;
+use crate::kv::{KvCache, StagedRow};
 
 /// What a batch feeds into the slice.
 #[derive(Clone, Copy, Debug)]
@@ -78,13 +78,13 @@ struct Seq<'a> {
     /// The step's rows among the chunk's rows.
     rows: Range<usize>,
     vis: Visibility,
-    /// Committed rows of the cache (the step's rows are staged after them).
+    /// Committed rows of the cache (staged rows follow them, then the step's rows).
     base: usize,
+    /// Rows staged before this step (a tree it grows).
+    prior: usize,
     /// Attention in llama.cpp's batched prefill order ([`LoadOptions::llama_cpp_prefill`]).
     batched: bool,
     want: Want,
-    /// A tree batch: its rows stay staged.
-    tree: bool,
 }
 
 /// Which output the caller wants.
@@ -293,7 +293,22 @@ impl ModelSlice {
     /// The one-step case of [`ModelSlice::forward_many`].
     pub fn forward(&self, kv: &mut KvCache, batch: &Batch<'_>, want: Want) -> Result<StepOutput, EngineError> {
         let mut steps = [Step { kv, batch: *batch, want }];
-        self.forward_many(&mut steps).pop().expect("one result per step")
+        self.run_steps(&mut steps, false).pop().expect("one result per step")
+    }
+
+    /// Grow the staged tree of `kv` by the tree batch `batch` (a [`ModelSlice::forward`] when
+    /// nothing is staged). Its `tree_parents` index the staged rows first (`0..kv.staged_len()`)
+    /// and then its own rows (`kv.staged_len() + i` is its node `i`), so nodes may hang under any
+    /// node staged before; positions follow depth as in one tree batch, and each row's output is
+    /// bit-identical to the same node computed in one tree batch with its ancestors (attention
+    /// sees the same keys at the same positions). [`KvCache::accept_path`] then takes staged row
+    /// indices. A drafter expands a tree level by level this way, one forward per level.
+    pub fn forward_grow(&self, kv: &mut KvCache, batch: &Batch<'_>, want: Want) -> Result<StepOutput, EngineError> {
+        if batch.tree_parents.is_none() {
+            return Err(EngineError::BadBatch { reason: "only a tree batch can grow a staged tree".into() });
+        }
+        let mut steps = [Step { kv, batch: *batch, want }];
+        self.run_steps(&mut steps, true).pop().expect("one result per step")
     }
 
     /// Run several sessions' batches through this slice's layers together: the weight matmuls
@@ -304,11 +319,16 @@ impl ModelSlice {
     /// step's output is bit-identical to running it alone. Steps run in chunks of at most
     /// [`limits::FORWARD_BATCH_TOKENS_MAX`] rows.
     pub fn forward_many(&self, steps: &mut [Step<'_>]) -> Vec<Result<StepOutput, EngineError>> {
+        self.run_steps(steps, false)
+    }
+
+    /// [`ModelSlice::forward_many`]; with `grow`, tree batches may grow a staged tree.
+    fn run_steps(&self, steps: &mut [Step<'_>], grow: bool) -> Vec<Result<StepOutput, EngineError>> {
         let mut results: Vec<Option<Result<StepOutput, EngineError>>> = (0..steps.len()).map(|_| None).collect();
         let mut chunk = Vec::new();
         let mut chunk_rows = 0;
         for (index, step) in steps.iter_mut().enumerate() {
-            let (x, vis) = match self.admit(step) {
+            let (x, vis) = match self.admit(step, grow) {
                 Ok(admitted) => admitted,
                 Err(e) => {
                     results[index] = Some(Err(e));
@@ -332,7 +352,7 @@ impl ModelSlice {
     }
 
     /// Check a step as [`ModelSlice::forward`] defines it; its input rows and attention pattern.
-    fn admit(&self, step: &Step<'_>) -> Result<(Vec<f32>, Visibility), EngineError> {
+    fn admit(&self, step: &Step<'_>, grow: bool) -> Result<(Vec<f32>, Visibility), EngineError> {
         let (kv, batch) = (&*step.kv, &step.batch);
         let n = batch.len();
         let d = self.cfg.d_model;
@@ -344,13 +364,13 @@ impl ModelSlice {
         if step.want != Want::Hidden && !self.is_tail() {
             return Err(EngineError::WrongSliceRole { what: "hold the LM head (it is not the tail)" });
         }
-        let staged = kv.layers.first().map_or(0, |l| l.k.len() / kv.k_dim.max(1)) - kv.len();
-        if staged != 0 {
+        let staged = kv.staged_len();
+        if staged != 0 && !(grow && batch.tree_parents.is_some()) {
             return Err(EngineError::BadBatch {
                 reason: format!("{staged} tree rows are still staged: accept a path or discard them first"),
             });
         }
-        let vis = Visibility::build(kv.len(), batch)?;
+        let vis = Visibility::build(kv.len(), kv.staged(), batch)?;
         let max_pos = batch.positions.iter().copied().max().unwrap_or(0) as usize;
         if max_pos >= self.cfg.context_len {
             return Err(EngineError::ContextExceeded { needed: max_pos + 1, context: self.cfg.context_len });
@@ -410,6 +430,7 @@ impl ModelSlice {
             x.extend_from_slice(&rows);
             positions.extend_from_slice(step.batch.positions);
             let n = step.batch.len();
+            let prior = step.kv.staged_len();
             step.kv.stage_rows(n);
             let base = step.kv.len();
             let batched = self.llama_cpp_prefill && matches!(vis, Visibility::Causal) && base == 0 && n >= 2;
@@ -420,9 +441,9 @@ impl ModelSlice {
                 rows: start..start + n,
                 vis,
                 base,
+                prior,
                 batched,
                 want: step.want,
-                tree: step.batch.tree_parents.is_some(),
             });
         }
         self.pool.install(|| {
@@ -447,7 +468,13 @@ impl ModelSlice {
         let mut outs = Vec::with_capacity(seqs.len());
         for s in seqs {
             let n = s.rows.len();
-            if !s.tree {
+            if let Visibility::Tree(lists) = &s.vis {
+                s.kv.stage(lists.iter().map(|l| {
+                    let &(_, position) = l.last().expect("a node sees itself");
+                    let parent = if l.len() >= 2 { l[l.len() - 2].0 as i32 } else { -1 };
+                    StagedRow { parent, position }
+                }));
+            } else {
                 s.kv.commit(n);
             }
             let out = match s.want {
@@ -529,8 +556,9 @@ impl ModelSlice {
         round_f16(&mut q);
         for s in seqs.iter_mut() {
             let lkv = &mut s.kv.layers[slot];
-            lkv.k[s.base * k_dim..].copy_from_slice(&k[s.rows.start * k_dim..s.rows.end * k_dim]);
-            lkv.v[s.base * v_dim..].copy_from_slice(&v[s.rows.start * v_dim..s.rows.end * v_dim]);
+            let at = s.base + s.prior;
+            lkv.k[at * k_dim..].copy_from_slice(&k[s.rows.start * k_dim..s.rows.end * k_dim]);
+            lkv.v[at * v_dim..].copy_from_slice(&v[s.rows.start * v_dim..s.rows.end * v_dim]);
         }
 
         let attn_dim = cfg.n_heads * cfg.head_dim_v;
@@ -675,16 +703,17 @@ impl Projections {
     }
 }
 
-/// Which batch rows each row attends to (besides the committed prefix).
+/// Which rows each batch row attends to (besides the committed prefix).
 enum Visibility {
     /// Row `i` sees rows `0..=i`.
     Causal,
-    /// Row `i` sees its ancestors and itself.
-    Tree(Vec<Vec<u32>>),
+    /// Row `i` sees its ancestors and itself: `(staged row, position)` from the root down, where
+    /// staged row `r` is cache row `base + r` (rows staged before the batch, then the batch's).
+    Tree(Vec<Vec<(u32, u32)>>),
 }
 
 impl Visibility {
-    fn build(base: usize, batch: &Batch<'_>) -> Result<Visibility, EngineError> {
+    fn build(base: usize, staged: &[StagedRow], batch: &Batch<'_>) -> Result<Visibility, EngineError> {
         let n = batch.len();
         match batch.tree_parents {
             None => {
@@ -705,19 +734,33 @@ impl Visibility {
                         reason: format!("{} tree parents for {n} nodes", parents.len()),
                     });
                 }
-                let mut lists: Vec<Vec<u32>> = Vec::with_capacity(n);
+                let prior = staged.len();
+                // The ancestry of a staged row, root first.
+                let staged_path = |mut r: usize| {
+                    let mut path = vec![(r as u32, staged[r].position)];
+                    while staged[r].parent >= 0 {
+                        r = staged[r].parent as usize;
+                        path.push((r as u32, staged[r].position));
+                    }
+                    path.reverse();
+                    path
+                };
+                let mut lists: Vec<Vec<(u32, u32)>> = Vec::with_capacity(n);
                 for (i, &p) in parents.iter().enumerate() {
                     let mut list = if p < 0 {
                         Vec::new()
-                    } else if (p as usize) < i {
-                        lists[p as usize].clone()
+                    } else if (p as usize) < prior {
+                        staged_path(p as usize)
+                    } else if (p as usize) < prior + i {
+                        lists[p as usize - prior].clone()
                     } else {
                         return Err(EngineError::BadBatch {
-                            reason: format!("node {i} has parent {p}, parents must precede their children"),
+                            reason: format!(
+                                "node {i} has parent {p}, parents must precede their children ({prior} rows staged before)"
+                            ),
                         });
                     };
-                    list.push(i as u32);
-                    let expected = (base + list.len() - 1) as u64;
+                    let expected = (base + list.len()) as u64;
                     if u64::from(batch.positions[i]) != expected {
                         return Err(EngineError::PositionMismatch {
                             index: i,
@@ -725,6 +768,7 @@ impl Visibility {
                             got: batch.positions[i].into(),
                         });
                     }
+                    list.push(((prior + i) as u32, batch.positions[i]));
                     lists.push(list);
                 }
                 Ok(Visibility::Tree(lists))
@@ -782,11 +826,7 @@ fn attention(
             Visibility::Causal => keys
                 .extend((0..=i).filter(|&j| visible(positions[j] as usize)).map(|j| (base + j, positions[j] as usize))),
             Visibility::Tree(lists) => keys.extend(
-                lists[i]
-                    .iter()
-                    .map(|&j| j as usize)
-                    .filter(|&j| visible(positions[j] as usize))
-                    .map(|j| (base + j, positions[j] as usize)),
+                lists[i].iter().map(|&(r, kp)| (base + r as usize, kp as usize)).filter(|&(_, kp)| visible(kp)),
             ),
         }
         let hi = keys.last().map_or(0, |&(_, kp)| kp + 1);
@@ -835,7 +875,8 @@ fn attention(
         SCRATCH.with(|s| s.set(guard));
     };
     let n_rows = positions.len() * nh;
-    let keys = base + positions.len();
+    // Every cache row written so far (committed, staged before, this batch's).
+    let keys = lkv.v.len() / v_dim.max(1);
     let parallel = n_rows * keys * hd >= 1 << 15;
     // The query heads of one KV head together: each key and value row is loaded once for the
     // group, every (row, head) keeps its exact operation sequence. Zero probabilities then add
@@ -863,11 +904,7 @@ fn attention(
                     (0..=i).filter(|&j| visible(positions[j] as usize)).map(|j| (base + j, positions[j] as usize)),
                 ),
                 Visibility::Tree(lists) => keys.extend(
-                    lists[i]
-                        .iter()
-                        .map(|&j| j as usize)
-                        .filter(|&j| visible(positions[j] as usize))
-                        .map(|j| (base + j, positions[j] as usize)),
+                    lists[i].iter().map(|&(r, kp)| (base + r as usize, kp as usize)).filter(|&(_, kp)| visible(kp)),
                 ),
             }
             let hi = keys.last().map_or(0, |&(_, kp)| kp + 1);

@@ -1,4 +1,5 @@
-//! Model-free drafters: expected proposals, budgets always respected, corpus bounds.
+//! Drafters: expected proposals, budgets always respected, corpus bounds; a model drafter's
+//! best-first tree.
 
 use specswarm_spec::drafter::ngram::NgramDrafter;
 use specswarm_spec::drafter::suffix::SuffixDrafter;
@@ -100,4 +101,49 @@ fn suffix_corpus_is_bounded() {
         big_drafter.propose(&seq, &DraftBudget::chain(6)).unwrap();
     }
     assert!(t0.elapsed().as_secs_f64() < 20.0, "indexing and proposing stay fast");
+}
+
+/// A model drafter's tree: within budget, children in draft order, its spine the drafter's own
+/// greedy chain, and the drafter's cache unharmed by the grown rows (its next chain equals a
+/// fresh drafter's).
+#[test]
+fn model_drafter_grows_a_best_first_tree() {
+    use specswarm_engine::hub;
+    use specswarm_spec::drafter::model::ModelDrafter;
+    let path = hub::ensure(hub::known("smollm2-135m").unwrap(), &mut |m| eprintln!("{m}")).unwrap();
+    let make = || ModelDrafter::self_draft(&path, 6, 30, 2).unwrap();
+    let seq: Vec<u32> = vec![1, 504, 3458, 282, 4194, 314, 253, 1835, 28, 4469, 314];
+    let mut d = make();
+    for b in [
+        DraftBudget { max_nodes: 16, max_depth: 5, max_branch: 3 },
+        DraftBudget { max_nodes: 40, max_depth: 8, max_branch: 6 },
+        DraftBudget { max_nodes: 7, max_depth: 2, max_branch: 4 },
+    ] {
+        let t = d.propose(&seq, &b).unwrap();
+        check_budget(&t, &b);
+        assert_eq!(t.len(), b.max_nodes, "{b:?}: the budget is used");
+        let path_prob = |i: usize| t.path_to(i).iter().map(|&j| f64::from(t.probs[j])).product::<f64>();
+        for node in std::iter::once(None).chain((0..t.len()).map(Some)) {
+            let kids: Vec<usize> = t.children(node).collect();
+            assert!(kids.windows(2).all(|w| t.probs[w[0]] >= t.probs[w[1]]), "children in draft order");
+        }
+        // A path never gains probability, so the best `max_nodes` are closed under ancestors.
+        for i in 0..t.len() {
+            if t.parents[i] >= 0 {
+                assert!(path_prob(i) <= path_prob(t.parents[i] as usize) + 1e-9);
+            }
+        }
+        // The spine (first child at every level) is the drafter's greedy chain.
+        let mut spine = Vec::new();
+        let mut at = None;
+        while let Some(c) = t.children(at).next() {
+            spine.push(t.tokens[c]);
+            at = Some(c);
+        }
+        let chain = make().propose(&seq, &DraftBudget::chain(spine.len())).unwrap();
+        assert_eq!(chain.tokens, spine[..chain.len()], "{b:?}: the spine is the greedy chain");
+        // The grown rows left the cache as it was.
+        let again = d.propose(&seq, &DraftBudget::chain(4)).unwrap();
+        assert_eq!(again, make().propose(&seq, &DraftBudget::chain(4)).unwrap());
+    }
 }

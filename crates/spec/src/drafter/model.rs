@@ -167,16 +167,161 @@ pub fn format_layers(layers: &[usize]) -> String {
     parts.join("+")
 }
 
-/// Softmax probabilities of the `k` most likely tokens, best first.
+/// Softmax probabilities of the `k` most likely tokens, best first (ties: lower id first). One
+/// pass keeps the best `k` logits; the normaliser is a vectorised sum of exponentials (a tree
+/// draft takes this for every expanded node, over the whole vocabulary).
 fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let z: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    let k = k.min(idx.len());
-    idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
-    idx.truncate(k);
-    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
-    idx.into_iter().map(|i| (i, (f64::from(logits[i as usize] - max).exp() / z) as f32)).collect()
+    let k = k.min(logits.len());
+    let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if l.is_nan() || (best.len() == k && best.last().is_some_and(|&(m, _)| l <= m)) {
+            continue;
+        }
+        let at = best.partition_point(|&(m, _)| m >= l);
+        best.insert(at, (l, i as u32));
+        best.truncate(k);
+    }
+    let max = best.first().map_or(0.0, |&(m, _)| m);
+    let mut scratch = logits.to_vec();
+    let z = specswarm_kernels::ggml_math::exp_sum(&mut scratch, max);
+    best.into_iter().map(|(_, i)| (i, (f64::from(scratch[i as usize]) / z) as f32)).collect()
+}
+
+/// A node of a tree being drafted.
+struct Candidate {
+    token: u32,
+    /// Candidate index of the parent (`None`: a child of the root).
+    parent: Option<usize>,
+    /// Draft probability given the parent, and along the path from the root.
+    prob: f32,
+    path_prob: f32,
+    depth: usize,
+    /// Its staged row in the drafter's cache once expanded.
+    row: Option<usize>,
+}
+
+impl ModelDrafter {
+    /// Logits of each of `rows` tree nodes grown under the drafter's staged tree
+    /// (`parents` index staged rows, `-1` the committed sequence).
+    fn grow(&mut self, tokens: &[u32], parents: &[i32], positions: &[u32]) -> Result<Vec<f32>, SpecError> {
+        let batch = Batch { input: StepInput::Tokens(tokens), positions, tree_parents: Some(parents) };
+        Ok(match &self.lens {
+            None => self.model.forward_grow(&mut self.kv, &batch, Want::AllLogits)?.into_data(),
+            Some(lens) => {
+                let hidden = self.model.forward_grow(&mut self.kv, &batch, Want::Hidden)?.into_data();
+                let mapped: Vec<f32> = hidden.chunks_exact(lens.d).flat_map(|h| lens.apply(h)).collect();
+                self.model.head_logits(&mapped)?
+            }
+        })
+    }
+
+    /// The chain of the draft's most likely tokens, one draft forward per token, stopping where
+    /// the path's draft probability falls below `min_path_prob`.
+    fn propose_chain(&mut self, seq: &[u32], gamma: usize) -> Result<DraftTree, SpecError> {
+        let mut logits = self.sync(seq)?;
+        let mut tree = DraftTree::default();
+        let mut path_prob = 1.0f32;
+        let limit = self.model.config().context_len;
+        for depth in 0..gamma {
+            let (tok, p) = top_k(&logits, 1)[0];
+            tree.push(tok, depth as i32 - 1, p);
+            path_prob *= p;
+            if depth + 1 == gamma || path_prob < self.min_path_prob || self.cached.len() + 1 >= limit {
+                break;
+            }
+            logits = self.step(&[tok])?;
+        }
+        Ok(tree)
+    }
+
+    /// A tree grown best-first by path probability (EAGLE-2, SpecExec): every candidate node
+    /// carries the draft probability of its whole path; each draft forward expands, as one tree
+    /// batch grown on the drafter's cache ([`ModelSlice::forward_grow`]), the `max_branch`
+    /// most probable unexpanded candidates among the `max_nodes` most probable so far, each
+    /// gaining its `max_branch` most likely children. A node is expanded only while its best
+    /// child is expected (by the mean best-child probability seen so far) to displace the
+    /// weakest of a full tree, and above `max_depth` — so the final tree's leaves are mostly
+    /// never run, which halves the draft rows. The tree is the best `max_nodes`, which is
+    /// closed under ancestors because a path's probability never grows along it. Node order
+    /// puts parents first and a node's children in draft order, so the first child at every
+    /// level is the draft's greedy path (the spine pipelining assumes).
+    fn propose_tree(&mut self, seq: &[u32], budget: &DraftBudget) -> Result<DraftTree, SpecError> {
+        let logits = self.sync(seq)?;
+        let base = self.cached.len();
+        let limit = self.model.config().context_len;
+        let max_depth = budget.max_depth.min(limit.saturating_sub(base + 1)).max(1);
+        let k = budget.max_branch.min(self.model.config().vocab_size);
+        let mut cands: Vec<Candidate> = top_k(&logits, k)
+            .into_iter()
+            .map(|(token, prob)| Candidate { token, parent: None, prob, path_prob: prob, depth: 1, row: None })
+            .collect();
+        let mut rows = 0usize;
+        // Mean draft probability of an expanded node's best child: how much of its path
+        // probability its best child is expected to keep.
+        let (mut top_sum, mut top_n) = (0.5f32, 1usize);
+        let result = loop {
+            // The candidates in the tree if it stopped now, best first (ties: parents first).
+            let mut order: Vec<usize> = (0..cands.len()).collect();
+            order.sort_by(|&a, &b| cands[b].path_prob.total_cmp(&cands[a].path_prob).then(a.cmp(&b)));
+            order.truncate(budget.max_nodes);
+            // Expanding a node pays only if its best child is expected to displace the weakest
+            // member of a full tree: leaves are not expanded for nothing.
+            let weakest = if order.len() == budget.max_nodes { cands[order[order.len() - 1]].path_prob } else { 0.0 };
+            let keeps = top_sum / top_n as f32;
+            let expand: Vec<usize> = order
+                .iter()
+                .copied()
+                .filter(|&c| {
+                    cands[c].row.is_none() && cands[c].depth < max_depth && cands[c].path_prob * keeps > weakest
+                })
+                .take(k)
+                .collect();
+            if expand.is_empty() {
+                break Ok(order);
+            }
+            let tokens: Vec<u32> = expand.iter().map(|&c| cands[c].token).collect();
+            let parents: Vec<i32> = expand
+                .iter()
+                .map(|&c| cands[c].parent.map_or(-1, |p| cands[p].row.expect("parents are expanded first") as i32))
+                .collect();
+            let positions: Vec<u32> = expand.iter().map(|&c| (base - 1 + cands[c].depth) as u32).collect();
+            let logits = match self.grow(&tokens, &parents, &positions) {
+                Ok(l) => l,
+                Err(e) => break Err(e),
+            };
+            let vocab = logits.len() / expand.len();
+            for (j, &c) in expand.iter().enumerate() {
+                cands[c].row = Some(rows + j);
+                let (path_prob, depth) = (cands[c].path_prob, cands[c].depth);
+                let children = top_k(&logits[j * vocab..(j + 1) * vocab], k);
+                top_sum += children.first().map_or(0.0, |&(_, p)| p);
+                top_n += 1;
+                for (token, prob) in children {
+                    cands.push(Candidate {
+                        token,
+                        parent: Some(c),
+                        prob,
+                        path_prob: path_prob * prob,
+                        depth: depth + 1,
+                        row: None,
+                    });
+                }
+            }
+            rows += expand.len();
+        };
+        // The grown rows are scratch: the cache keeps the committed sequence only.
+        self.kv.discard_staged();
+        let mut chosen = result?;
+        chosen.sort_unstable();
+        let mut index = vec![-1i32; cands.len()];
+        let mut tree = DraftTree::default();
+        for c in chosen {
+            let parent = cands[c].parent.map_or(-1, |p| index[p]);
+            debug_assert!(cands[c].parent.is_none() || parent >= 0, "the chosen set is closed under ancestors");
+            index[c] = tree.push(cands[c].token, parent, cands[c].prob) as i32;
+        }
+        Ok(tree)
+    }
 }
 
 impl Drafter for ModelDrafter {
@@ -184,41 +329,15 @@ impl Drafter for ModelDrafter {
         self.name.clone()
     }
 
-    /// A spine of the draft's most likely tokens, one draft forward per depth, with the runners-up
-    /// at each depth as leaf siblings, chosen best-first by cumulative draft probability.
+    /// A chain of the draft's most likely tokens (`max_branch == 1`), or a tree grown best-first
+    /// by path probability ([`ModelDrafter::propose_tree`]).
     fn propose(&mut self, seq: &[u32], budget: &DraftBudget) -> Result<DraftTree, SpecError> {
         budget.validate()?;
-        let spine_len = budget.max_depth.min(budget.max_nodes);
-        let mut logits = self.sync(seq)?;
-        let mut spine: Vec<(u32, f32)> = Vec::new();
-        // (cumulative probability, spine depth it hangs from, token, probability)
-        let mut siblings: Vec<(f32, usize, u32, f32)> = Vec::new();
-        let mut path_prob = 1.0f32;
-        let limit = self.model.config().context_len;
-        for depth in 0..spine_len {
-            let cands = top_k(&logits, budget.max_branch.max(1));
-            let (tok, p) = cands[0];
-            for &(t, q) in &cands[1..] {
-                siblings.push((path_prob * q, depth, t, q));
-            }
-            spine.push((tok, p));
-            path_prob *= p;
-            if depth + 1 == spine_len || path_prob < self.min_path_prob || self.cached.len() + 1 >= limit {
-                break;
-            }
-            logits = self.step(&[tok])?;
+        if budget.max_branch == 1 || budget.max_nodes == 1 {
+            self.propose_chain(seq, budget.max_depth.min(budget.max_nodes))
+        } else {
+            self.propose_tree(seq, budget)
         }
-        let mut tree = DraftTree::default();
-        for (i, &(t, p)) in spine.iter().enumerate() {
-            tree.push(t, i as i32 - 1, p);
-        }
-        siblings.sort_by(|a, b| b.0.total_cmp(&a.0));
-        for &(_, depth, t, q) in siblings.iter().take(budget.max_nodes.saturating_sub(tree.len())) {
-            if depth < tree.len() {
-                tree.push(t, depth as i32 - 1, q);
-            }
-        }
-        Ok(tree)
     }
 
     fn has_probabilities(&self) -> bool {
