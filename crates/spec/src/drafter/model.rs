@@ -268,13 +268,15 @@ impl ModelDrafter {
             // member of a full tree: leaves are not expanded for nothing.
             let weakest = if order.len() == budget.max_nodes { cands[order[order.len() - 1]].path_prob } else { 0.0 };
             let keeps = top_sum / top_n as f32;
+            // Grown rows must fit the drafter's cache (a sequence near the context's end).
+            let room = self.kv.budget_tokens().saturating_sub(self.kv.len() + self.kv.staged_len());
             let expand: Vec<usize> = order
                 .iter()
                 .copied()
                 .filter(|&c| {
                     cands[c].row.is_none() && cands[c].depth < max_depth && cands[c].path_prob * keeps > weakest
                 })
-                .take(k)
+                .take(k.min(room))
                 .collect();
             if expand.is_empty() {
                 break Ok(order);
