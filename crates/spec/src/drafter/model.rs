@@ -111,16 +111,27 @@ impl ModelDrafter {
         let start = self.cached.len() as u32;
         let pos: Vec<u32> = (start..start + tokens.len() as u32).collect();
         let batch = Batch { input: StepInput::Tokens(tokens), positions: &pos, tree_parents: None };
-        let logits = match &self.lens {
-            None => self.model.forward(&mut self.kv, &batch, Want::LastLogits)?.into_data(),
-            Some(lens) => {
-                let hidden = self.model.forward(&mut self.kv, &batch, Want::Hidden)?.into_data();
-                let last = &hidden[hidden.len() - lens.d..];
-                self.model.head_logits(&lens.apply(last))?
-            }
-        };
+        let logits = self.logits(&batch, false)?;
         self.cached.extend_from_slice(tokens);
         Ok(logits)
+    }
+
+    /// Run `batch` on the drafter's cache: a causal step (`grow == false`: the logits of its
+    /// last row) or nodes grown under its staged tree (the logits of every row); through the
+    /// lens when there is one.
+    fn logits(&mut self, batch: &Batch<'_>, grow: bool) -> Result<Vec<f32>, SpecError> {
+        let (model, kv) = (&self.model, &mut self.kv);
+        let mut forward =
+            |want| if grow { model.forward_grow(kv, batch, want) } else { model.forward(kv, batch, want) };
+        Ok(match &self.lens {
+            None => forward(if grow { Want::AllLogits } else { Want::LastLogits })?.into_data(),
+            Some(lens) => {
+                let hidden = forward(Want::Hidden)?.into_data();
+                let rows = if grow { &hidden[..] } else { &hidden[hidden.len() - lens.d..] };
+                let mapped: Vec<f32> = rows.chunks_exact(lens.d).flat_map(|h| lens.apply(h)).collect();
+                model.head_logits(&mapped)?
+            }
+        })
     }
 
     /// Logits after `seq`, reusing the cached prefix.
@@ -201,18 +212,11 @@ struct Candidate {
 }
 
 impl ModelDrafter {
-    /// Logits of each of `rows` tree nodes grown under the drafter's staged tree
+    /// Logits of each of `tokens` grown as tree nodes under the drafter's staged tree
     /// (`parents` index staged rows, `-1` the committed sequence).
     fn grow(&mut self, tokens: &[u32], parents: &[i32], positions: &[u32]) -> Result<Vec<f32>, SpecError> {
         let batch = Batch { input: StepInput::Tokens(tokens), positions, tree_parents: Some(parents) };
-        Ok(match &self.lens {
-            None => self.model.forward_grow(&mut self.kv, &batch, Want::AllLogits)?.into_data(),
-            Some(lens) => {
-                let hidden = self.model.forward_grow(&mut self.kv, &batch, Want::Hidden)?.into_data();
-                let mapped: Vec<f32> = hidden.chunks_exact(lens.d).flat_map(|h| lens.apply(h)).collect();
-                self.model.head_logits(&mapped)?
-            }
-        })
+        self.logits(&batch, true)
     }
 
     /// The chain of the draft's most likely tokens, one draft forward per token, stopping where
